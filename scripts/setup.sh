@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building and testing creditgate needs on a fresh Debian machine, only when missing:
+# a C toolchain and cmake (Pingora's zlib), pkg-config, redis-server, curl, wrk (load benchmark).
+set -euo pipefail
+
+need=()
+command -v cc >/dev/null 2>&1 || need+=(build-essential)
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Debian starts a system redis-server on install; the project never uses it (tests and the demo
+# start their own), so leave it alone.
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo is missing; install a Rust toolchain (rustup) first" >&2
+  exit 1
+fi

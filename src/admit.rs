@@ -1,0 +1,139 @@
+//! Admission, the heart of `request_filter`: canonical path → billing endpoint (answered here) or
+//! route rule → authenticate → rate limit → read the JSON body if the rule needs it → quote →
+//! reserve. A plain async function over the request and the shared state, so it is tested
+//! without a Pingora session. Anything that is not admitted is never proxied.
+
+use std::sync::Arc;
+
+use crate::auth::{self, Principal};
+use crate::billing_api::{self, BillingEndpoint};
+use crate::error::GatewayError;
+use crate::incoming::{header_str, is_json, IncomingRequest};
+use crate::limits::MAX_API_BODY_BYTES;
+use crate::reserve::{self, Reservation, ReserveSettings};
+use crate::respond::JsonReply;
+use crate::rules::{self, canonicalize, Catalog, RequestInputs};
+use crate::state::Gateway;
+
+/// What to do with an admitted request.
+pub enum Admission {
+    /// The gateway answers it itself.
+    Reply {
+        route: &'static str,
+        reply: JsonReply,
+    },
+    /// Proxy it upstream.
+    Forward(Box<Forward>),
+}
+
+/// An admitted request on its way upstream.
+pub struct Forward {
+    pub principal: Arc<Principal>,
+    /// The route rule's label (method and path template), for logs and metrics.
+    pub route: String,
+    /// Canonical path and query: exactly what was priced is what is sent.
+    pub upstream_path: String,
+    /// The catalog that quoted the request; it also settles it.
+    pub catalog: Arc<Catalog>,
+    pub reservation: Option<Reservation>,
+}
+
+pub async fn admit(gw: &Gateway, req: &mut dyn IncomingRequest) -> Result<Admission, GatewayError> {
+    let header = req.header();
+    let raw_target = header
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let path = canonicalize(raw_target).map_err(|e| GatewayError::AmbiguousPath(e.to_string()))?;
+    let method = header.method.as_str().to_string();
+    let catalog = gw.catalog.snapshot();
+    let now_ms = gw.now_ms();
+
+    if BillingEndpoint::owns_path(&path.path) {
+        let endpoint = BillingEndpoint::find(&method, &path.path).ok_or(GatewayError::NotFound)?;
+        let principal =
+            auth::authenticate(header, &gw.keys, gw.ledger.as_ref(), &catalog, now_ms).await?;
+        let body = if endpoint == BillingEndpoint::SetSpendingLimit {
+            Some(
+                req.read_body(MAX_API_BODY_BYTES)
+                    .await
+                    .map_err(|e| match e {
+                        GatewayError::PayloadTooLarge(_) => GatewayError::InvalidRequest(
+                            "The body must be at most 4 KiB.".to_string(),
+                        ),
+                        other => other,
+                    })?,
+            )
+        } else {
+            None
+        };
+        let reply = billing_api::answer(gw, &principal, endpoint, body).await?;
+        return Ok(Admission::Reply {
+            route: endpoint.label(),
+            reply,
+        });
+    }
+
+    let route = catalog
+        .match_route(&method, &path)
+        .ok_or(GatewayError::NotFound)?;
+    let principal =
+        auth::authenticate(header, &gw.keys, gw.ledger.as_ref(), &catalog, now_ms).await?;
+
+    let json_body = if route.needs_json_body() && is_json(req.header()) {
+        let bytes = req.read_body(gw.config.server.max_json_body_bytes).await?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| {
+            GatewayError::InvalidRequest("The request body is not valid JSON.".to_string())
+        })?;
+        Some(value)
+    } else {
+        None
+    };
+
+    let quote = {
+        // Scoped: the header lookup closure is not `Sync` and must not live across an await.
+        let header = req.header();
+        let lookup = |name: &str| header_str(header, name);
+        let inputs = RequestInputs {
+            json_body: json_body.as_ref(),
+            header: &lookup,
+            query: &path,
+        };
+        rules::quote(&catalog, &route, &inputs)?
+    };
+    let reservation = match quote {
+        None => None,
+        Some(q) => {
+            let settings = ReserveSettings {
+                record_ttl_ms: i64::try_from(gw.config.billing.reservation_ttl_s)
+                    .unwrap_or(i64::MAX / 1000)
+                    .saturating_mul(1000),
+                report_to_stripe: gw.config.stripe.enabled,
+            };
+            Some(
+                reserve::reserve(
+                    gw.ledger.as_ref(),
+                    &catalog,
+                    &principal.account,
+                    &q,
+                    now_ms,
+                    &settings,
+                )
+                .await?,
+            )
+        }
+    };
+    let upstream_path = match &path.query {
+        Some(q) => format!("{}?{}", path.path, q),
+        None => path.path.clone(),
+    };
+    let route_label = route.label().to_string();
+    Ok(Admission::Forward(Box::new(Forward {
+        principal,
+        route: route_label,
+        upstream_path,
+        catalog: catalog.clone(),
+        reservation,
+    })))
+}

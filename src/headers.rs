@@ -1,0 +1,96 @@
+//! Header hygiene. Towards the upstream: the client's API key is never forwarded, client-sent
+//! headers that impersonate the gateway's (`X-Account-Id`, `X-Plan`, `X-Billing-*`,
+//! `X-Creditgate-*`, `X-Request-Id`) are removed, and the gateway's own are set, including what
+//! was priced (`X-Creditgate-Operation/Model/Quantity`) so the backend generates exactly that.
+//! Towards the client: billing headers are the gateway's alone.
+
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::Result;
+
+use crate::admit::Forward;
+
+pub const IMAGES_GENERATED: &str = "x-images-generated";
+
+fn is_gateway_owned(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    matches!(
+        n.as_str(),
+        "authorization" | "x-api-key" | "x-account-id" | "x-plan" | "x-request-id"
+    ) || n.starts_with("x-billing-")
+        || n.starts_with("x-creditgate-")
+}
+
+pub fn prepare_upstream_request(
+    upstream: &mut RequestHeader,
+    forward: &Forward,
+    request_id: &str,
+) -> Result<()> {
+    let doomed: Vec<String> = upstream
+        .headers
+        .keys()
+        .map(|k| k.as_str())
+        .filter(|k| is_gateway_owned(k))
+        .map(str::to_string)
+        .collect();
+    for name in doomed {
+        upstream.remove_header(&name);
+    }
+    let uri = forward.upstream_path.parse::<http::Uri>().map_err(|e| {
+        pingora::Error::because(pingora::ErrorType::InternalError, "canonical uri", e)
+    })?;
+    upstream.set_uri(uri);
+    upstream.insert_header("X-Account-Id", forward.principal.account.id.as_str())?;
+    upstream.insert_header("X-Plan", forward.principal.account.plan.as_str())?;
+    upstream.insert_header("X-Request-Id", request_id)?;
+    upstream.insert_header(
+        "X-Creditgate-Catalog-Version",
+        forward.catalog.version.to_string(),
+    )?;
+    if let Some(r) = &forward.reservation {
+        upstream.insert_header("X-Creditgate-Charge-Id", r.id.as_str())?;
+        upstream.insert_header("X-Creditgate-Operation", r.meta.operation.as_str())?;
+        upstream.insert_header("X-Creditgate-Model", r.meta.model.as_str())?;
+        upstream.insert_header("X-Creditgate-Quantity", r.meta.quantity.to_string())?;
+        // The model header the backend may read says what was priced, nothing else.
+        if upstream.headers.contains_key("x-model") {
+            upstream.insert_header("X-Model", r.meta.model.as_str())?;
+        }
+    }
+    Ok(())
+}
+
+/// Billing headers on a response are the gateway's alone.
+pub fn strip_billing_headers(response: &mut ResponseHeader) {
+    for name in [
+        "x-credits-charged",
+        "x-credits-remaining",
+        "x-charge-usd",
+        "x-spend-remaining-cents",
+        "x-request-id",
+    ] {
+        response.remove_header(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_headers_are_recognised_in_any_case() {
+        for h in [
+            "Authorization",
+            "X-API-KEY",
+            "x-account-id",
+            "X-Plan",
+            "X-Billing-Anything",
+            "x-creditgate-charge-id",
+            "X-Request-Id",
+        ] {
+            assert!(is_gateway_owned(h), "{h}");
+        }
+        for h in ["content-type", "x-model", "x-num-images", "idempotency-key"] {
+            assert!(!is_gateway_owned(h), "{h}");
+        }
+    }
+}

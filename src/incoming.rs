@@ -1,0 +1,82 @@
+//! The part of an incoming request that admission reads: its header and, on demand, its body
+//! (bounded). The proxy implements it over a Pingora session; tests over plain values.
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::http::RequestHeader;
+
+use crate::error::GatewayError;
+
+#[async_trait]
+pub trait IncomingRequest: Send {
+    fn header(&self) -> &RequestHeader;
+    /// The whole body, or `PayloadTooLarge(limit)` once it passes `limit` bytes.
+    async fn read_body(&mut self, limit: usize) -> Result<Bytes, GatewayError>;
+}
+
+/// A request held in memory (tests, benches).
+pub struct BufferedRequest {
+    pub header: RequestHeader,
+    pub body: Bytes,
+}
+
+#[async_trait]
+impl IncomingRequest for BufferedRequest {
+    fn header(&self) -> &RequestHeader {
+        &self.header
+    }
+
+    async fn read_body(&mut self, limit: usize) -> Result<Bytes, GatewayError> {
+        if self.body.len() > limit {
+            return Err(GatewayError::PayloadTooLarge(limit));
+        }
+        Ok(self.body.clone())
+    }
+}
+
+/// Reads a Pingora session's body into memory. Pingora's retry buffer (≤ 64 KiB) keeps what was
+/// read and sends it upstream unchanged, so inspecting the body does not consume it.
+pub struct SessionRequest<'a> {
+    pub session: &'a mut pingora::proxy::Session,
+}
+
+#[async_trait]
+impl IncomingRequest for SessionRequest<'_> {
+    fn header(&self) -> &RequestHeader {
+        self.session.req_header()
+    }
+
+    async fn read_body(&mut self, limit: usize) -> Result<Bytes, GatewayError> {
+        self.session.as_mut().enable_retry_buffering();
+        let mut body = BytesMut::new();
+        loop {
+            let chunk = self.session.read_request_body().await.map_err(|e| {
+                GatewayError::InvalidRequest(format!("Could not read the request body: {e}."))
+            })?;
+            match chunk {
+                None => break,
+                Some(c) => {
+                    if body.len() + c.len() > limit {
+                        return Err(GatewayError::PayloadTooLarge(limit));
+                    }
+                    body.extend_from_slice(&c);
+                }
+            }
+        }
+        Ok(body.freeze())
+    }
+}
+
+/// The first value of a header as text; `None` when absent or not visible ASCII.
+pub fn header_str<'h>(header: &'h RequestHeader, name: &str) -> Option<&'h str> {
+    header.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Whether the request declares a JSON body.
+pub fn is_json(header: &RequestHeader) -> bool {
+    header_str(header, "content-type").is_some_and(|ct| {
+        let mime = ct.split(';').next().unwrap_or("").trim();
+        mime.eq_ignore_ascii_case("application/json")
+            || (mime.len() > 5 && mime[mime.len() - 5..].eq_ignore_ascii_case("+json"))
+    })
+}

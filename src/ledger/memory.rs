@@ -1,0 +1,405 @@
+//! The in-process [`Ledger`]: the same semantics as the Redis ledger, in plain maps behind one
+//! `std::sync::Mutex`, for `store.backend = "memory"` (trying the gateway out, one process, not
+//! durable) and for tests of the layers above the store.
+//!
+//! Every method takes the lock once, does its whole step and releases it before returning; no
+//! lock is ever held across an `.await`, so each method is atomic as seen by the others.
+//!
+//! Time: credit buckets never expire here (their `expires_at_ms` is ignored: a new period is a
+//! new bucket id, so old buckets only cost memory). Reservation records do honour
+//! `record_ttl_ms`, on the monotonic clock, and are pruned as new ones arrive, so a long-running
+//! process does not grow without bound. Pay-per-use reports are queued in memory
+//! ([`MemoryLedger::drain_outbox`]).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{
+    Account, CreditBucket, CreditReservation, CreditReserveOutcome, KeyRecord, Ledger,
+    SettleOutcome, SpendReservation, SpendReserveOutcome, StoreResult, StripeEventClaim,
+    StripeReport,
+};
+
+/// Prune expired reservation records every this many new reservations.
+const PRUNE_EVERY: u32 = 1024;
+
+/// The in-process ledger.
+#[derive(Default)]
+pub struct MemoryLedger {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    accounts: HashMap<String, Account>,
+    /// SHA-256 hex → key.
+    keys: HashMap<String, KeyRecord>,
+    /// key id → SHA-256 hex.
+    key_hashes: HashMap<String, String>,
+    /// account → (creation sequence → key id) of unrevoked keys.
+    key_order: HashMap<String, BTreeMap<u64, String>>,
+    key_seq: u64,
+    /// (account, bucket id) → credits left.
+    balances: HashMap<(String, String), u64>,
+    /// (account, YYYYMM) → µ$ spent.
+    spend: HashMap<(String, String), u64>,
+    /// (account, reservation id) → reservation.
+    reservations: HashMap<(String, String), Held>,
+    reservations_since_prune: u32,
+    outbox: VecDeque<(String, String, StripeReport)>,
+    /// Stripe customer id → account id, written by the last create or update naming it.
+    customers: HashMap<String, String>,
+    /// Stripe webhook event id → (applied, forget at).
+    stripe_events: HashMap<String, (bool, Instant)>,
+}
+
+struct Held {
+    target: Target,
+    amount: u64,
+    settled: bool,
+    expires: Instant,
+}
+
+enum Target {
+    Credits { bucket: String },
+    Spend { month: String },
+}
+
+impl MemoryLedger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Pay-per-use reports waiting for delivery.
+    pub fn outbox_len(&self) -> usize {
+        self.lock().outbox.len()
+    }
+
+    /// Takes the queued pay-per-use reports: `(account id, reservation id, report)`.
+    pub fn drain_outbox(&self) -> Vec<(String, String, StripeReport)> {
+        self.lock().outbox.drain(..).collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-done step behind (every step
+        // computes first and writes last), so a poisoned lock is still consistent.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn pair(a: &str, b: &str) -> (String, String) {
+    (a.to_string(), b.to_string())
+}
+
+fn expiry(ttl_ms: i64) -> Instant {
+    let ttl = Duration::from_millis(u64::try_from(ttl_ms).unwrap_or(0));
+    let now = Instant::now();
+    now.checked_add(ttl).unwrap_or(now)
+}
+
+impl State {
+    fn balance_entry(&mut self, account_id: &str, bucket: &CreditBucket) -> &mut u64 {
+        self.balances
+            .entry(pair(account_id, &bucket.id))
+            .or_insert(bucket.allowance)
+    }
+
+    fn hold(&mut self, account_id: &str, reservation_id: &str, held: Held) {
+        self.reservations_since_prune += 1;
+        if self.reservations_since_prune >= PRUNE_EVERY {
+            self.reservations_since_prune = 0;
+            let now = Instant::now();
+            self.reservations.retain(|_, h| h.expires > now);
+        }
+        self.reservations
+            .insert(pair(account_id, reservation_id), held);
+    }
+}
+
+#[async_trait]
+impl Ledger for MemoryLedger {
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
+    async fn create_account(
+        &self,
+        account: &Account,
+        signup: Option<&CreditBucket>,
+    ) -> StoreResult<bool> {
+        let mut state = self.lock();
+        if state.accounts.contains_key(&account.id) {
+            return Ok(false);
+        }
+        state.accounts.insert(account.id.clone(), account.clone());
+        if let Some(customer) = &account.stripe_customer_id {
+            state.customers.insert(customer.clone(), account.id.clone());
+        }
+        if let Some(bucket) = signup {
+            state.balance_entry(&account.id, bucket);
+        }
+        Ok(true)
+    }
+
+    async fn get_account(&self, id: &str) -> StoreResult<Option<Account>> {
+        Ok(self.lock().accounts.get(id).cloned())
+    }
+
+    async fn update_account(&self, account: &Account) -> StoreResult<()> {
+        let mut state = self.lock();
+        state.accounts.insert(account.id.clone(), account.clone());
+        if let Some(customer) = &account.stripe_customer_id {
+            state.customers.insert(customer.clone(), account.id.clone());
+        }
+        Ok(())
+    }
+
+    async fn insert_key(&self, key_hash: &str, key: &KeyRecord) -> StoreResult<()> {
+        let mut state = self.lock();
+        state.key_seq += 1;
+        let seq = state.key_seq;
+        state.keys.insert(key_hash.to_string(), key.clone());
+        state
+            .key_hashes
+            .insert(key.id.clone(), key_hash.to_string());
+        if !key.revoked {
+            state
+                .key_order
+                .entry(key.account_id.clone())
+                .or_default()
+                .insert(seq, key.id.clone());
+        }
+        Ok(())
+    }
+
+    async fn key_by_hash(&self, key_hash: &str) -> StoreResult<Option<KeyRecord>> {
+        Ok(self.lock().keys.get(key_hash).cloned())
+    }
+
+    async fn key_slot(&self, account_id: &str, key_id: &str) -> StoreResult<Option<u64>> {
+        let state = self.lock();
+        let Some(order) = state.key_order.get(account_id) else {
+            return Ok(None);
+        };
+        Ok(order
+            .values()
+            .position(|id| id == key_id)
+            .and_then(|i| u64::try_from(i).ok()))
+    }
+
+    async fn active_keys(&self, account_id: &str) -> StoreResult<Vec<KeyRecord>> {
+        let state = self.lock();
+        let Some(order) = state.key_order.get(account_id) else {
+            return Ok(Vec::new());
+        };
+        Ok(order
+            .values()
+            .filter_map(|id| state.key_hashes.get(id))
+            .filter_map(|hash| state.keys.get(hash))
+            .cloned()
+            .collect())
+    }
+
+    async fn revoke_key(&self, key_id: &str) -> StoreResult<Option<KeyRecord>> {
+        let mut state = self.lock();
+        let Some(hash) = state.key_hashes.get(key_id).cloned() else {
+            return Ok(None);
+        };
+        let Some(record) = state.keys.get_mut(&hash) else {
+            return Ok(None);
+        };
+        let before = record.clone();
+        record.revoked = true;
+        if let Some(order) = state.key_order.get_mut(&before.account_id) {
+            order.retain(|_, id| id != key_id);
+        }
+        Ok(Some(before))
+    }
+
+    async fn credit_balance(&self, account_id: &str, bucket: &CreditBucket) -> StoreResult<u64> {
+        let state = self.lock();
+        Ok(state
+            .balances
+            .get(&pair(account_id, &bucket.id))
+            .copied()
+            .unwrap_or(bucket.allowance))
+    }
+
+    async fn grant_credits(
+        &self,
+        account_id: &str,
+        bucket: &CreditBucket,
+        amount: u64,
+    ) -> StoreResult<u64> {
+        let mut state = self.lock();
+        let balance = state.balance_entry(account_id, bucket);
+        *balance = balance.saturating_add(amount);
+        Ok(*balance)
+    }
+
+    async fn reset_credits(
+        &self,
+        account_id: &str,
+        bucket: &CreditBucket,
+        balance: u64,
+    ) -> StoreResult<()> {
+        self.lock()
+            .balances
+            .insert(pair(account_id, &bucket.id), balance);
+        Ok(())
+    }
+
+    async fn reserve_credits(&self, r: &CreditReservation) -> StoreResult<CreditReserveOutcome> {
+        let mut state = self.lock();
+        let balance = state.balance_entry(&r.account_id, &r.bucket);
+        let Some(remaining) = balance.checked_sub(r.amount) else {
+            return Ok(CreditReserveOutcome::Insufficient {
+                available: *balance,
+            });
+        };
+        *balance = remaining;
+        state.hold(
+            &r.account_id,
+            &r.reservation_id,
+            Held {
+                target: Target::Credits {
+                    bucket: r.bucket.id.clone(),
+                },
+                amount: r.amount,
+                settled: false,
+                expires: expiry(r.record_ttl_ms),
+            },
+        );
+        Ok(CreditReserveOutcome::Reserved { remaining })
+    }
+
+    async fn month_spend(&self, account_id: &str, month: &str) -> StoreResult<u64> {
+        let state = self.lock();
+        Ok(state
+            .spend
+            .get(&pair(account_id, month))
+            .copied()
+            .unwrap_or(0))
+    }
+
+    async fn reserve_spend(&self, r: &SpendReservation) -> StoreResult<SpendReserveOutcome> {
+        let mut state = self.lock();
+        let spent = state
+            .spend
+            .entry(pair(&r.account_id, &r.month))
+            .or_insert(0);
+        let new_spent = spent.saturating_add(r.amount_micro);
+        if new_spent > r.limit_micro {
+            return Ok(SpendReserveOutcome::LimitReached {
+                spent_micro: *spent,
+            });
+        }
+        *spent = new_spent;
+        state.hold(
+            &r.account_id,
+            &r.reservation_id,
+            Held {
+                target: Target::Spend {
+                    month: r.month.clone(),
+                },
+                amount: r.amount_micro,
+                settled: false,
+                expires: expiry(r.record_ttl_ms),
+            },
+        );
+        if let Some(report) = &r.report {
+            state.outbox.push_back((
+                r.account_id.clone(),
+                r.reservation_id.clone(),
+                report.clone(),
+            ));
+        }
+        Ok(SpendReserveOutcome::Reserved {
+            spent_micro: new_spent,
+        })
+    }
+
+    async fn settle(
+        &self,
+        account_id: &str,
+        reservation_id: &str,
+        refund: u64,
+    ) -> StoreResult<SettleOutcome> {
+        let mut state = self.lock();
+        let key = pair(account_id, reservation_id);
+        let (target, refund) = match state.reservations.get_mut(&key) {
+            None => return Ok(SettleOutcome::Unknown),
+            Some(held) if held.expires <= Instant::now() => return Ok(SettleOutcome::Unknown),
+            Some(held) if held.settled => return Ok(SettleOutcome::AlreadySettled),
+            Some(held) => {
+                held.settled = true;
+                let target = match &held.target {
+                    Target::Credits { bucket } => Target::Credits {
+                        bucket: bucket.clone(),
+                    },
+                    Target::Spend { month } => Target::Spend {
+                        month: month.clone(),
+                    },
+                };
+                (target, refund.min(held.amount))
+            }
+        };
+        if refund > 0 {
+            match target {
+                Target::Credits { bucket } => {
+                    // Buckets are never forgotten here, so the reserved-from bucket exists.
+                    let balance = state.balances.entry(pair(account_id, &bucket)).or_insert(0);
+                    *balance = balance.saturating_add(refund);
+                }
+                Target::Spend { month } => {
+                    let spent = state.spend.entry(pair(account_id, &month)).or_insert(0);
+                    *spent = spent.saturating_sub(refund);
+                }
+            }
+        }
+        Ok(SettleOutcome::Settled)
+    }
+
+    async fn account_by_stripe_customer(&self, customer_id: &str) -> StoreResult<Option<Account>> {
+        // Like Redis: the index names a candidate, the account itself confirms it.
+        let state = self.lock();
+        Ok(state
+            .customers
+            .get(customer_id)
+            .and_then(|id| state.accounts.get(id))
+            .filter(|a| a.stripe_customer_id.as_deref() == Some(customer_id))
+            .cloned())
+    }
+
+    async fn begin_stripe_event(
+        &self,
+        event_id: &str,
+        lease_ms: i64,
+    ) -> StoreResult<StripeEventClaim> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        state.stripe_events.retain(|_, (_, until)| *until > now);
+        Ok(match state.stripe_events.get(event_id) {
+            Some((true, _)) => StripeEventClaim::Applied,
+            Some((false, _)) => StripeEventClaim::InProgress,
+            None => {
+                state
+                    .stripe_events
+                    .insert(event_id.to_string(), (false, expiry(lease_ms)));
+                StripeEventClaim::Claimed
+            }
+        })
+    }
+
+    async fn finish_stripe_event(&self, event_id: &str, keep_ms: i64) -> StoreResult<()> {
+        self.lock()
+            .stripe_events
+            .insert(event_id.to_string(), (true, expiry(keep_ms)));
+        Ok(())
+    }
+}

@@ -1,0 +1,272 @@
+//! The ledger: accounts, API keys, credit balances, pay-per-use spend and reservations, kept
+//! atomically in one store. The gateway's admission step reserves through it, `logging` settles
+//! through it, the admin and billing APIs read and change accounts through it.
+//!
+//! The ledger knows nothing of the catalog: callers pass the period, allowance, limit and amount
+//! they computed from the catalog snapshot and the clock. Two backends share one conformance
+//! suite: [`RedisLedger`] (production, no Lua: `MULTI/EXEC` and apply-then-compensate) and
+//! [`MemoryLedger`] (single process, for trying it out and for tests).
+
+mod memory;
+mod redis;
+pub mod schema;
+
+pub use self::memory::MemoryLedger;
+pub use self::redis::RedisLedger;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// Errors of the store itself. Every one of them fails the request closed (503).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store command timed out")]
+    Timeout,
+    #[error("store holds unreadable data at {key}: {detail}")]
+    Corrupt { key: String, detail: String },
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The plan id of accounts on pay-per-use only.
+pub const PAY_PER_USE_PLAN: &str = "pay_per_use";
+
+/// Subscription status, as Stripe names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionStatus {
+    Active,
+    Trialing,
+    PastDue,
+    Canceled,
+    Incomplete,
+}
+
+impl SubscriptionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Trialing => "trialing",
+            Self::PastDue => "past_due",
+            Self::Canceled => "canceled",
+            Self::Incomplete => "incomplete",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "active" => Self::Active,
+            "trialing" => Self::Trialing,
+            "past_due" => Self::PastDue,
+            "canceled" => Self::Canceled,
+            "incomplete" => Self::Incomplete,
+            _ => return None,
+        })
+    }
+
+    /// Whether credits may be spent in this status.
+    pub fn may_spend_credits(self) -> bool {
+        matches!(self, Self::Active | Self::Trialing)
+    }
+}
+
+/// One customer account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub id: String,
+    /// A catalog plan id, or [`PAY_PER_USE_PLAN`].
+    pub plan: String,
+    pub status: SubscriptionStatus,
+    /// The end of one billing period (UTC ms); every other period is a whole number of months
+    /// away from it.
+    pub period_anchor_ms: i64,
+    pub pay_per_use: bool,
+    pub spending_limit_cents: u64,
+    pub stripe_customer_id: Option<String>,
+    pub created_ms: i64,
+}
+
+/// An API key as stored: never the key itself, only its SHA-256 (the map key) and display prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub id: String,
+    pub account_id: String,
+    /// The first characters of the key, for humans (`at_live_AbCd`).
+    pub prefix: String,
+    pub name: Option<String>,
+    pub created_ms: i64,
+    pub revoked: bool,
+}
+
+/// A credit balance bucket: the balance of one billing period (or the free plan's one-off grant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditBucket {
+    /// Period id (`Period::id()`), or `"signup"` for the free plan's grant.
+    pub id: String,
+    /// What the bucket holds when first touched.
+    pub allowance: u64,
+    /// When the bucket may be forgotten (period end plus grace), UTC ms; `None` keeps it forever.
+    pub expires_at_ms: Option<i64>,
+}
+
+/// What a reservation was for: kept with it for settlement, refunds, metrics and Stripe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ChargeMeta {
+    pub operation: String,
+    pub model: String,
+    pub quantity: u64,
+    /// Price of one unit (credits, or micro-dollars), so partial refunds are exact.
+    pub unit_amount: u64,
+    pub catalog_version: u64,
+    pub created_ms: i64,
+}
+
+/// The durable report of a pay-per-use charge to Stripe, written in the charge's transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeReport {
+    pub customer_id: String,
+    /// Value reported to the meter (integer; the gateway reports micro-dollars / unit scale).
+    pub value: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditReservation {
+    pub account_id: String,
+    /// Unique per request; settles the reservation exactly once.
+    pub reservation_id: String,
+    pub bucket: CreditBucket,
+    pub amount: u64,
+    pub meta: ChargeMeta,
+    /// How long the reservation record is kept (ms).
+    pub record_ttl_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreditReserveOutcome {
+    /// Reserved; `remaining` credits are left in the bucket.
+    Reserved { remaining: u64 },
+    /// Not enough credits; nothing changed. `available` is what the bucket held.
+    Insufficient { available: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendReservation {
+    pub account_id: String,
+    pub reservation_id: String,
+    /// `YYYYMM`, UTC.
+    pub month: String,
+    /// The account's monthly limit in micro-dollars; spend never passes it.
+    pub limit_micro: u64,
+    pub amount_micro: u64,
+    pub meta: ChargeMeta,
+    pub report: Option<StripeReport>,
+    pub record_ttl_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpendReserveOutcome {
+    /// Reserved; the month's spend is now `spent_micro`.
+    Reserved { spent_micro: u64 },
+    /// Would pass the limit; nothing changed. `spent_micro` is the month's spend.
+    LimitReached { spent_micro: u64 },
+}
+
+/// Where a Stripe webhook event stands ([`Ledger::begin_stripe_event`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripeEventClaim {
+    /// This caller may apply the event; it holds it for the lease.
+    Claimed,
+    /// Another caller holds it (applying now, or failed less than a lease ago).
+    InProgress,
+    /// Applied before: answer it without applying again.
+    Applied,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleOutcome {
+    /// This call settled the reservation (and refunded `refund` if non-zero).
+    Settled,
+    /// Someone settled it before; nothing changed.
+    AlreadySettled,
+    /// No such reservation (expired or never made); nothing changed.
+    Unknown,
+}
+
+/// Where accounts, keys and money live. Every method is one atomic step as seen by others.
+#[async_trait]
+pub trait Ledger: Send + Sync + 'static {
+    /// Liveness of the store.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Creates the account; `false` (and nothing changed) when the id exists. `signup` is
+    /// created with its allowance in the same step (the free plan's one-off credits).
+    async fn create_account(
+        &self,
+        account: &Account,
+        signup: Option<&CreditBucket>,
+    ) -> StoreResult<bool>;
+    async fn get_account(&self, id: &str) -> StoreResult<Option<Account>>;
+    /// Overwrites the stored fields of an existing account.
+    async fn update_account(&self, account: &Account) -> StoreResult<()>;
+
+    /// Stores a new key under its SHA-256 hex hash; its slot order is its insertion order.
+    async fn insert_key(&self, key_hash: &str, key: &KeyRecord) -> StoreResult<()>;
+    async fn key_by_hash(&self, key_hash: &str) -> StoreResult<Option<KeyRecord>>;
+    /// 0-based position of the key among the account's unrevoked keys in creation order.
+    async fn key_slot(&self, account_id: &str, key_id: &str) -> StoreResult<Option<u64>>;
+    /// The account's unrevoked keys in creation order.
+    async fn active_keys(&self, account_id: &str) -> StoreResult<Vec<KeyRecord>>;
+    /// Revokes; returns the key as it was, `None` when unknown.
+    async fn revoke_key(&self, key_id: &str) -> StoreResult<Option<KeyRecord>>;
+
+    /// The bucket's balance (its allowance when not yet touched).
+    async fn credit_balance(&self, account_id: &str, bucket: &CreditBucket) -> StoreResult<u64>;
+    /// Adds credits to the bucket (creating it at its allowance first); returns the new balance.
+    async fn grant_credits(
+        &self,
+        account_id: &str,
+        bucket: &CreditBucket,
+        amount: u64,
+    ) -> StoreResult<u64>;
+    /// Sets the bucket to exactly `balance` (a new period paid for).
+    async fn reset_credits(
+        &self,
+        account_id: &str,
+        bucket: &CreditBucket,
+        balance: u64,
+    ) -> StoreResult<()>;
+    /// Reserves credits: one round trip when they suffice; never leaves a negative balance.
+    async fn reserve_credits(&self, r: &CreditReservation) -> StoreResult<CreditReserveOutcome>;
+
+    /// Pay-per-use spend of the month in micro-dollars.
+    async fn month_spend(&self, account_id: &str, month: &str) -> StoreResult<u64>;
+    /// Reserves pay-per-use spend: one round trip when within the limit; never passes it.
+    async fn reserve_spend(&self, r: &SpendReservation) -> StoreResult<SpendReserveOutcome>;
+
+    /// Settles a reservation exactly once: gives back `refund` (credits or micro-dollars, at
+    /// most the reserved amount) and marks it settled. Repeats are no-ops.
+    async fn settle(
+        &self,
+        account_id: &str,
+        reservation_id: &str,
+        refund: u64,
+    ) -> StoreResult<SettleOutcome>;
+
+    /// The account whose `stripe_customer_id` is `customer_id` (the Stripe webhooks' lookup),
+    /// kept by `create_account` and `update_account`.
+    async fn account_by_stripe_customer(&self, customer_id: &str) -> StoreResult<Option<Account>>;
+
+    /// Claims a Stripe webhook event for applying, once across every instance: `Claimed` holds
+    /// it for `lease_ms` (a caller that fails lets the lease lapse so Stripe's re-send applies
+    /// it), `InProgress` while held, `Applied` after [`Ledger::finish_stripe_event`].
+    async fn begin_stripe_event(
+        &self,
+        event_id: &str,
+        lease_ms: i64,
+    ) -> StoreResult<StripeEventClaim>;
+
+    /// Marks a claimed event applied; it is remembered for `keep_ms`.
+    async fn finish_stripe_event(&self, event_id: &str, keep_ms: i64) -> StoreResult<()>;
+}

@@ -1,0 +1,204 @@
+//! The Redis data layout of the ledger: every key name and hash field the [`RedisLedger`]
+//! reads or writes, decided here and nowhere else.
+//!
+//! Per-account keys share the hash tag `{a:<account>}` so every `MULTI/EXEC` of one account
+//! touches one slot:
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `cg:{a:<account>}:acct` | hash | the [`Account`] fields ([`account_field`]) |
+//! | `cg:{a:<account>}:keys` | zset | unrevoked key ids, scored by the global creation sequence |
+//! | `cg:{a:<account>}:bal:<bucket id>` | string (int) | credits left in one bucket |
+//! | `cg:{a:<account>}:spend:<yyyymm>` | string (int) | pay-per-use spend of a UTC month, µ$ |
+//! | `cg:{a:<account>}:rsv:<reservation id>` | hash | one reservation ([`rsv_field`]) |
+//! | `cg:key:<sha256 hex>` | string (JSON) | a [`KeyRecord`] |
+//! | `cg:keyid:<key id>` | string | the SHA-256 hex of that key |
+//! | `cg:keyseq` | string (int) | the key creation sequence |
+//! | `cg:outbox` | stream | pay-per-use charges to report to Stripe ([`outbox_field`]) |
+//! | `cg:customer:<stripe customer id>` | string | the account id with that Stripe customer (checked against the account on read) |
+//! | `cg:stripe:evt:<event id>` | string | a Stripe webhook event: `pending` (lease) or `done` |
+//!
+//! Account ids are validated by the admin API, but a `{`, `}` or `%` in one is still escaped
+//! (`%7B`, `%7D`, `%25`) so no id can move its keys to another slot or collide with another
+//! account's keys.
+//!
+//! [`RedisLedger`]: super::RedisLedger
+//! [`Account`]: super::Account
+//! [`KeyRecord`]: super::KeyRecord
+
+/// The key-creation sequence (`INCR`), the score of keys in the per-account zset.
+pub const KEY_SEQ: &str = "cg:keyseq";
+/// The Stripe outbox stream.
+pub const OUTBOX: &str = "cg:outbox";
+
+/// How long a month's spend counter lives after its last change: a month plus grace.
+pub const SPEND_TTL_MS: i64 = 40 * 24 * 3600 * 1000;
+/// How long a voided (failed and compensated) reservation record is kept: long enough for a
+/// retried compensation to find its marker, short enough that a flood of refused requests
+/// does not fill the store.
+pub const VOID_RECORD_TTL_MS: i64 = 10 * 60 * 1000;
+
+/// `{a:<escaped account>}`: the hash tag of one account.
+fn tag(account_id: &str) -> String {
+    let mut out = String::with_capacity(account_id.len() + 4);
+    out.push_str("{a:");
+    for c in account_id.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            other => out.push(other),
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// `cg:{a:<account>}:acct`
+pub fn account(account_id: &str) -> String {
+    format!("cg:{}:acct", tag(account_id))
+}
+
+/// `cg:{a:<account>}:keys`
+pub fn account_keys(account_id: &str) -> String {
+    format!("cg:{}:keys", tag(account_id))
+}
+
+/// `cg:{a:<account>}:bal:<bucket id>`
+pub fn balance(account_id: &str, bucket_id: &str) -> String {
+    format!("cg:{}:bal:{bucket_id}", tag(account_id))
+}
+
+/// `cg:{a:<account>}:spend:<yyyymm>`
+pub fn spend(account_id: &str, month: &str) -> String {
+    format!("cg:{}:spend:{month}", tag(account_id))
+}
+
+/// `cg:{a:<account>}:rsv:<reservation id>`
+pub fn reservation(account_id: &str, reservation_id: &str) -> String {
+    format!("cg:{}:rsv:{reservation_id}", tag(account_id))
+}
+
+/// `cg:key:<sha256 hex>`
+pub fn key_record(key_hash: &str) -> String {
+    format!("cg:key:{key_hash}")
+}
+
+/// `cg:keyid:<key id>`
+pub fn key_id(key_id: &str) -> String {
+    format!("cg:keyid:{key_id}")
+}
+
+/// `cg:customer:<stripe customer id>`
+pub fn stripe_customer(customer_id: &str) -> String {
+    format!("cg:customer:{customer_id}")
+}
+
+/// `cg:stripe:evt:<event id>`
+pub fn stripe_event(event_id: &str) -> String {
+    format!("cg:stripe:evt:{event_id}")
+}
+
+/// Values of a Stripe event marker.
+pub const EVENT_PENDING: &str = "pending";
+pub const EVENT_DONE: &str = "done";
+
+/// Fields of the account hash. Every field is always present (an absent Stripe customer is
+/// stored as the empty string), so `HSETNX` on all of them creates an account or changes nothing.
+pub mod account_field {
+    pub const ID: &str = "id";
+    pub const PLAN: &str = "plan";
+    pub const STATUS: &str = "status";
+    pub const PERIOD_ANCHOR_MS: &str = "period_anchor_ms";
+    pub const PAY_PER_USE: &str = "pay_per_use";
+    pub const SPENDING_LIMIT_CENTS: &str = "spending_limit_cents";
+    pub const STRIPE_CUSTOMER_ID: &str = "stripe_customer_id";
+    pub const CREATED_MS: &str = "created_ms";
+}
+
+/// Fields of a reservation hash.
+pub mod rsv_field {
+    /// `credits` or `spend`.
+    pub const KIND: &str = "kind";
+    pub const ACCOUNT: &str = "account";
+    /// Bucket id (credits) or `YYYYMM` (spend).
+    pub const BUCKET: &str = "bucket";
+    /// Bucket expiry (UTC ms) when the bucket has one; refunds re-apply it.
+    pub const BUCKET_EXPIRES_MS: &str = "bucket_expires_ms";
+    pub const AMOUNT: &str = "amount";
+    pub const OPERATION: &str = "operation";
+    pub const MODEL: &str = "model";
+    pub const QUANTITY: &str = "quantity";
+    pub const UNIT_AMOUNT: &str = "unit_amount";
+    pub const CATALOG_VERSION: &str = "catalog_version";
+    pub const CREATED_MS: &str = "created_ms";
+    /// Stripe customer and meter value of a reported pay-per-use charge.
+    pub const CUSTOMER: &str = "customer";
+    pub const REPORT_VALUE: &str = "report_value";
+    /// `void` once a refused reservation has been compensated (the Stripe worker skips it).
+    pub const STATE: &str = "state";
+    /// Counts applications of the compensation of a refused reservation (exactly-once guard).
+    pub const UNDONE: &str = "undone";
+    /// Settlement claim: UTC ms of the settling call (`HSETNX`).
+    pub const SETTLED: &str = "settled";
+    /// The refund the settling call asked for (before clamping).
+    pub const REFUND_DUE: &str = "refund_due";
+    /// The refund actually given back (after clamping).
+    pub const REFUNDED: &str = "refunded";
+    /// Counts applications of the refund (exactly-once guard).
+    pub const REFUND_APPLIED: &str = "refund_applied";
+}
+
+/// Values of [`rsv_field::KIND`] and [`rsv_field::STATE`].
+pub const KIND_CREDITS: &str = "credits";
+pub const KIND_SPEND: &str = "spend";
+pub const STATE_VOID: &str = "void";
+
+/// Fields of one outbox stream entry. A worker delivers `value` (scaled down by
+/// `refunded / amount` of the reservation once it is settled) and skips entries whose
+/// reservation is `state=void`.
+pub mod outbox_field {
+    pub const RESERVATION: &str = "rid";
+    pub const ACCOUNT: &str = "account";
+    pub const CUSTOMER: &str = "customer";
+    pub const VALUE: &str = "value";
+    pub const AMOUNT: &str = "amount";
+    pub const MONTH: &str = "month";
+    pub const MODEL: &str = "model";
+    pub const TS: &str = "ts";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash_tag(key: &str) -> &str {
+        let open = key.find('{').unwrap_or(0);
+        let close = key[open..].find('}').map(|i| open + i).unwrap_or(key.len());
+        &key[open + 1..close]
+    }
+
+    #[test]
+    fn account_keys_share_one_hash_tag() {
+        let keys = [
+            account("acme"),
+            account_keys("acme"),
+            balance("acme", "p1777593600000"),
+            spend("acme", "202605"),
+            reservation("acme", "r1"),
+        ];
+        for key in &keys {
+            assert_eq!(hash_tag(key), "a:acme", "{key}");
+        }
+        assert_eq!(balance("acme", "signup"), "cg:{a:acme}:bal:signup");
+    }
+
+    #[test]
+    fn braces_in_account_ids_cannot_break_the_tag() {
+        assert_eq!(account("x}y"), "cg:{a:x%7Dy}:acct");
+        assert_eq!(hash_tag(&balance("a}b{c", "p1")), "a:a%7Db%7Bc");
+        // Escaping is injective: a literal `%7D` differs from an escaped `}`.
+        assert_ne!(account("a%7D"), account("a}"));
+        assert_eq!(account("a%7D"), "cg:{a:a%257D}:acct");
+    }
+}

@@ -1,0 +1,18 @@
+//! Structured logs with `tracing`: one line per request from the proxy's `logging` phase, text or
+//! JSON (`[logging] format`), filtered by `RUST_LOG` (default `info`). Keys never appear in full.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let result = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    if result.is_err() {
+        eprintln!("creditgate: logging was already initialised");
+    }
+}

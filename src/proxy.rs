@@ -1,0 +1,295 @@
+//! Pingora glue: maps the proxy phases onto the steps of `lib.rs`'s request path. No billing
+//! decision is made here — `admit` decides, `settle` settles, `respond` writes — this file only
+//! moves data between them and the session.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorType, Result};
+
+use crate::admit::{admit, Admission, Forward};
+use crate::apikey::random_id;
+use crate::error::GatewayError;
+use crate::headers;
+use crate::incoming::SessionRequest;
+use crate::money::{MicroUsd, MICROS_PER_CENT};
+use crate::reserve::Payment;
+use crate::respond::JsonReply;
+use crate::settle::{self, Settlement, UpstreamOutcome};
+use crate::state::Gateway;
+
+pub struct CreditGateProxy {
+    pub gw: Arc<Gateway>,
+}
+
+/// Per-request state carried between the phases.
+pub struct RequestCtx {
+    pub request_id: String,
+    started: Instant,
+    route: String,
+    forward: Option<Box<Forward>>,
+    upstream_status: Option<u16>,
+    images_generated: Option<u64>,
+    /// The status the client was sent.
+    status: u16,
+    error_code: Option<&'static str>,
+    settlement: Option<Settlement>,
+}
+
+impl CreditGateProxy {
+    pub fn new(gw: Arc<Gateway>) -> Self {
+        Self { gw }
+    }
+
+    async fn write_reply(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        reply: &JsonReply,
+    ) -> Result<()> {
+        ctx.status = reply.status;
+        let header = reply.response_header(&ctx.request_id)?;
+        if !session.as_mut().is_body_done() {
+            // The client's body was not read; do not try to reuse the connection.
+            session.set_keepalive(None);
+        }
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session
+            .write_response_body(Some(reply.body.clone()), true)
+            .await
+    }
+
+    fn outcome(&self, ctx: &RequestCtx) -> UpstreamOutcome {
+        match ctx.upstream_status {
+            Some(s) if (200..300).contains(&s) => UpstreamOutcome::Succeeded {
+                images_generated: ctx.images_generated,
+            },
+            _ => UpstreamOutcome::Failed,
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for CreditGateProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            request_id: random_id("req_", 20),
+            started: Instant::now(),
+            route: String::from("-"),
+            forward: None,
+            upstream_status: None,
+            images_generated: None,
+            status: 0,
+            error_code: None,
+            settlement: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let admitted = {
+            let mut incoming = SessionRequest { session };
+            admit(&self.gw, &mut incoming).await
+        };
+        match admitted {
+            Ok(Admission::Forward(forward)) => {
+                ctx.route = forward.route.clone();
+                ctx.forward = Some(forward);
+                Ok(false)
+            }
+            Ok(Admission::Reply { route, reply }) => {
+                ctx.route = route.to_string();
+                self.write_reply(session, ctx, &reply).await?;
+                Ok(true)
+            }
+            Err(e) => {
+                ctx.error_code = Some(e.code());
+                if let GatewayError::StoreUnavailable(inner) = &e {
+                    tracing::warn!(request_id = %ctx.request_id, error = %inner, "store unavailable");
+                }
+                self.write_reply(session, ctx, &JsonReply::error(&e))
+                    .await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let up = &self.gw.config.upstream;
+        let mut peer = HttpPeer::new(up.address.as_str(), up.tls, up.sni.clone());
+        peer.options.connection_timeout =
+            Some(std::time::Duration::from_millis(up.connect_timeout_ms));
+        peer.options.read_timeout = Some(std::time::Duration::from_millis(up.read_timeout_ms));
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        _ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // A billed request is never sent twice.
+        e.set_retry(false);
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(forward) = ctx.forward.as_ref() else {
+            return Error::e_explain(ErrorType::InternalError, "request not admitted");
+        };
+        headers::prepare_upstream_request(upstream, forward, &ctx.request_id)
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(upstream_response.status.as_u16());
+        ctx.images_generated = upstream_response
+            .headers
+            .get(headers::IMAGES_GENERATED)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.status = response.status.as_u16();
+        headers::strip_billing_headers(response);
+        response.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+        let outcome = self.outcome(ctx);
+        let Some(reservation) = ctx.forward.as_ref().and_then(|f| f.reservation.as_ref()) else {
+            return Ok(());
+        };
+        let s = settle::decide(reservation, outcome);
+        ctx.settlement = Some(s);
+        match reservation.payment {
+            Payment::Credits { remaining, .. } => {
+                response.insert_header("X-Credits-Charged", s.kept.to_string())?;
+                response.insert_header(
+                    "X-Credits-Remaining",
+                    remaining.saturating_add(s.refunded).to_string(),
+                )?;
+            }
+            Payment::Spend { spent, limit, .. } => {
+                let spent_after = spent.0.saturating_sub(s.refunded);
+                response.insert_header("X-Charge-Usd", MicroUsd(s.kept).to_string())?;
+                response.insert_header(
+                    "X-Spend-Remaining-Cents",
+                    (limit.0.saturating_sub(spent_after) / MICROS_PER_CENT).to_string(),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let gateway_error = match e.etype() {
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                GatewayError::UpstreamTimeout
+            }
+            ErrorType::HTTPStatus(code) if *code == 413 => {
+                GatewayError::PayloadTooLarge(self.gw.config.server.max_json_body_bytes)
+            }
+            _ => match e.esource() {
+                pingora::ErrorSource::Downstream => {
+                    GatewayError::InvalidRequest("The request could not be read.".to_string())
+                }
+                _ => GatewayError::UpstreamFailed,
+            },
+        };
+        ctx.error_code = Some(gateway_error.code());
+        let mut code = 0;
+        if session.response_written().is_none() {
+            code = gateway_error.status();
+            let mut reply = JsonReply::error(&gateway_error);
+            if let Some(reservation) = ctx.forward.as_ref().and_then(|f| f.reservation.as_ref()) {
+                // Nothing was delivered: say so on the error as on any billed response.
+                if let Payment::Credits { remaining, charged } = reservation.payment {
+                    reply = reply
+                        .with_header("X-Credits-Charged", "0")
+                        .with_header("X-Credits-Remaining", (remaining + charged).to_string());
+                }
+            }
+            if self.write_reply(session, ctx, &reply).await.is_err() {
+                code = 0;
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let mut charge = String::from("-");
+        if let Some(reservation) = ctx.forward.as_ref().and_then(|f| f.reservation.as_ref()) {
+            let s = settle::decide(reservation, self.outcome(ctx));
+            match settle::settle(self.gw.ledger.as_ref(), reservation, s).await {
+                Ok(_) => {}
+                Err(err) => tracing::error!(
+                    request_id = %ctx.request_id,
+                    reservation = %reservation.id,
+                    error = %err,
+                    "settlement failed; the reservation stands as a charge"
+                ),
+            }
+            charge = match reservation.payment {
+                Payment::Credits { .. } => format!("{}cr", s.kept),
+                Payment::Spend { .. } => format!("${}", MicroUsd(s.kept)),
+            };
+        }
+        let account = ctx
+            .forward
+            .as_ref()
+            .map_or("-", |f| f.principal.account.id.as_str());
+        tracing::info!(
+            request_id = %ctx.request_id,
+            account = %account,
+            route = %ctx.route,
+            status = ctx.status,
+            upstream_status = ctx.upstream_status.unwrap_or(0),
+            outcome = ctx.error_code.unwrap_or(if ctx.status < 400 { "ok" } else { "upstream_error" }),
+            charge = %charge,
+            error = e.map(|e| e.to_string()).unwrap_or_default(),
+            latency_us = ctx.started.elapsed().as_micros() as u64,
+            "request"
+        );
+    }
+}
+
+/// Bytes of a JSON error body (for tests and direct use).
+pub fn error_body(e: &GatewayError) -> Bytes {
+    JsonReply::error(e).body
+}

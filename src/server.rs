@@ -1,0 +1,113 @@
+//! Start-up: builds the shared [`Gateway`] from the config (store, live catalog, clock), then a
+//! Pingora server with three listeners — the proxy (generation traffic, billing endpoints,
+//! Stripe webhook), the admin API on loopback, and `/metrics` — plus the background workers.
+//! No `Opt::parse_args()`: the server is built from our own CLI and config.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::apps::http_app::HttpServer;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::listening::Service;
+
+use crate::admin_api::AdminApp;
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{Config, StoreBackend};
+use crate::ledger::{Ledger, MemoryLedger, RedisLedger};
+use crate::live_catalog::LiveCatalog;
+use crate::metrics::MetricsApp;
+use crate::proxy::CreditGateProxy;
+use crate::state::Gateway;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the rules directory {dir} has errors:\n{problems}")]
+    Rules { dir: String, problems: String },
+    #[error("the store could not be set up: {0}")]
+    Store(String),
+}
+
+/// The shared state, from a validated config.
+pub fn build_gateway(config: Config, clock: SharedClock) -> Result<Arc<Gateway>, StartError> {
+    let dir = config.rules_dir();
+    let catalog = LiveCatalog::load(&dir).map_err(|problems| StartError::Rules {
+        dir: dir.display().to_string(),
+        problems: problems
+            .iter()
+            .map(|p| format!("  {p}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    })?;
+    let ledger: Arc<dyn Ledger> = match config.store.backend {
+        StoreBackend::Redis => Arc::new(
+            RedisLedger::new(
+                &config.store.url,
+                Duration::from_millis(config.store.command_timeout_ms),
+            )
+            .map_err(|e| StartError::Store(e.to_string()))?,
+        ),
+        StoreBackend::Memory => {
+            tracing::warn!(
+                "store.backend = \"memory\": balances live in this process only and are lost on exit; use Redis in production"
+            );
+            Arc::new(MemoryLedger::new())
+        }
+    };
+    Ok(Arc::new(Gateway::new(config, catalog, ledger, clock)))
+}
+
+/// Builds and runs the server until SIGTERM/SIGINT.
+pub fn serve(config: Config) -> Result<(), StartError> {
+    let gw = build_gateway(config, Arc::new(SystemClock))?;
+    if gw.admin_token.is_none() {
+        tracing::warn!(
+            env = %gw.config.admin.token_env,
+            "no admin token set: the admin API answers 401 to everything"
+        );
+    }
+    let server = build_server(gw);
+    server.run_forever();
+}
+
+/// The Pingora server with all services added, ready to run.
+pub fn build_server(gw: Arc<Gateway>) -> Server {
+    let cfg = &gw.config;
+    let run_dir = std::env::temp_dir();
+    let pid = std::process::id();
+    let conf = ServerConf {
+        threads: cfg.server.threads,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(cfg.server.shutdown_grace_s),
+        pid_file: run_dir
+            .join(format!("creditgate-{pid}.pid"))
+            .display()
+            .to_string(),
+        upgrade_sock: run_dir
+            .join(format!("creditgate-{pid}-upgrade.sock"))
+            .display()
+            .to_string(),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy =
+        pingora::proxy::http_proxy_service(&server.configuration, CreditGateProxy::new(gw.clone()));
+    proxy.add_tcp(&cfg.server.listen);
+
+    let mut admin = Service::new(
+        "admin".to_string(),
+        HttpServer::new_app(AdminApp { gw: gw.clone() }),
+    );
+    admin.add_tcp(&cfg.server.admin_listen);
+
+    let mut metrics = Service::new("metrics".to_string(), HttpServer::new_app(MetricsApp));
+    metrics.add_tcp(&cfg.server.metrics_listen);
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(metrics);
+    server
+}

@@ -1,0 +1,1280 @@
+//! The ledger conformance suite: one set of tests, run against both backends — the
+//! [`MemoryLedger`] and a [`RedisLedger`] on its own real `redis-server` per test — so both keep
+//! the same promises: concurrency never overspends, a missing balance is seeded once, a new
+//! period starts at its allowance, refunds apply exactly once, spend stops at the limit, key
+//! slots follow creation order. Redis-only tests below cover outages, durability and the outbox.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use creditgate::clock::{Clock, FakeClock};
+use creditgate::ledger::{
+    Account, ChargeMeta, CreditBucket, CreditReservation, CreditReserveOutcome, KeyRecord, Ledger,
+    MemoryLedger, RedisLedger, SettleOutcome, SpendReservation, SpendReserveOutcome, StoreError,
+    StripeReport, SubscriptionStatus, PAY_PER_USE_PLAN,
+};
+use creditgate::period;
+use support::RedisServer;
+
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(200);
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+/// One backend under test. Keeps its redis-server alive as long as the test runs.
+struct Backend {
+    ledger: Arc<dyn Ledger>,
+    server: Option<RedisServer>,
+}
+
+impl Backend {
+    fn memory() -> Self {
+        Self {
+            ledger: Arc::new(MemoryLedger::new()),
+            server: None,
+        }
+    }
+
+    fn redis() -> Self {
+        let server = RedisServer::start();
+        let ledger = RedisLedger::new(&server.url(), COMMAND_TIMEOUT).expect("valid url");
+        Self {
+            ledger: Arc::new(ledger),
+            server: Some(server),
+        }
+    }
+
+    /// A second gateway instance on the same store: for Redis, its own ledger and connection.
+    fn another_instance(&self) -> Arc<dyn Ledger> {
+        match &self.server {
+            Some(server) => {
+                Arc::new(RedisLedger::new(&server.url(), COMMAND_TIMEOUT).expect("valid url"))
+            }
+            None => self.ledger.clone(),
+        }
+    }
+}
+
+/// Generates `on_memory::<test>` and `on_redis::<test>` for every conformance test below.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod on_memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::memory()).await;
+                }
+            )*
+        }
+        mod on_redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::redis()).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    concurrent_reservations_never_overspend,
+    concurrent_reservations_across_two_instances,
+    missing_balance_is_seeded_once,
+    new_period_starts_at_allowance_without_rollover,
+    refund_applies_exactly_once,
+    concurrent_refunds_apply_exactly_once,
+    partial_refund_is_exact_and_clamped,
+    settle_unknown_reservation,
+    settle_without_refund_keeps_the_charge,
+    spend_stops_exactly_at_the_limit,
+    spend_refund_and_refused_spend,
+    grants_and_resets,
+    key_slots_follow_creation_order_after_revocation,
+    create_account_twice,
+    concurrent_creates_make_one_account,
+    free_signup_bucket_is_granted_once,
+    update_account_overwrites,
+    odd_account_ids_stay_separate,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Builders
+
+fn account(id: &str, plan: &str) -> Account {
+    Account {
+        id: id.to_string(),
+        plan: plan.to_string(),
+        status: SubscriptionStatus::Active,
+        period_anchor_ms: ms("2031-05-01T00:00:00Z"),
+        pay_per_use: plan == PAY_PER_USE_PLAN,
+        spending_limit_cents: 5000,
+        stripe_customer_id: None,
+        created_ms: ms("2031-04-01T00:00:00Z"),
+    }
+}
+
+fn bucket(id: &str, allowance: u64) -> CreditBucket {
+    CreditBucket {
+        id: id.to_string(),
+        allowance,
+        expires_at_ms: None,
+    }
+}
+
+fn meta(quantity: u64, unit_amount: u64) -> ChargeMeta {
+    ChargeMeta {
+        operation: "product-enhancement".to_string(),
+        model: "nano-banana-pro".to_string(),
+        quantity,
+        unit_amount,
+        catalog_version: 1,
+        created_ms: ms("2031-04-15T00:00:00Z"),
+    }
+}
+
+fn credits(account_id: &str, rid: &str, bucket: &CreditBucket, amount: u64) -> CreditReservation {
+    CreditReservation {
+        account_id: account_id.to_string(),
+        reservation_id: rid.to_string(),
+        bucket: bucket.clone(),
+        amount,
+        meta: meta(1, amount),
+        record_ttl_ms: DAY_MS,
+    }
+}
+
+fn spend(account_id: &str, rid: &str, limit: u64, amount: u64) -> SpendReservation {
+    SpendReservation {
+        account_id: account_id.to_string(),
+        reservation_id: rid.to_string(),
+        month: "203104".to_string(),
+        limit_micro: limit,
+        amount_micro: amount,
+        meta: meta(1, amount),
+        report: Some(StripeReport {
+            customer_id: "cus_test".to_string(),
+            value: amount,
+        }),
+        record_ttl_ms: DAY_MS,
+    }
+}
+
+fn key(id: &str, account_id: &str) -> KeyRecord {
+    KeyRecord {
+        id: id.to_string(),
+        account_id: account_id.to_string(),
+        prefix: format!("at_live_{id}"),
+        name: Some(format!("key {id}")),
+        created_ms: ms("2031-04-01T00:00:00Z"),
+        revoked: false,
+    }
+}
+
+fn ms(text: &str) -> i64 {
+    period::parse_timestamp_ms(text).expect("valid timestamp")
+}
+
+async fn reserved(ledger: &dyn Ledger, r: &CreditReservation) -> u64 {
+    match ledger.reserve_credits(r).await.expect("store answers") {
+        CreditReserveOutcome::Reserved { remaining } => remaining,
+        other => panic!("expected a reservation, got {other:?}"),
+    }
+}
+
+/// Reads the balance in a loop until told to stop; returns every sample.
+fn sample_balance(
+    ledger: Arc<dyn Ledger>,
+    account_id: &str,
+    bucket: &CreditBucket,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<u64>> {
+    let account_id = account_id.to_string();
+    let bucket = bucket.clone();
+    tokio::spawn(async move {
+        let mut samples = Vec::new();
+        loop {
+            samples.push(
+                ledger
+                    .credit_balance(&account_id, &bucket)
+                    .await
+                    .expect("balance"),
+            );
+            if stop.load(Ordering::SeqCst) {
+                return samples;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+}
+
+/// 200 reservations of 3 credits against 100, spread over `ledgers` in turn.
+async fn race_for_credits(ledgers: &[Arc<dyn Ledger>], account_id: &str) {
+    let bkt = bucket("p-race", 100);
+    ledgers[0]
+        .reset_credits(account_id, &bkt, 100)
+        .await
+        .expect("reset");
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = sample_balance(ledgers[0].clone(), account_id, &bkt, stop.clone());
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let ledger = ledgers[i % ledgers.len()].clone();
+        let r = credits(account_id, &format!("race-{i}"), &bkt, 3);
+        tasks.push(tokio::spawn(
+            async move { ledger.reserve_credits(&r).await },
+        ));
+    }
+    let mut remaining = BTreeSet::new();
+    let mut refused = 0;
+    for task in tasks {
+        match task.await.expect("task").expect("store answers") {
+            CreditReserveOutcome::Reserved { remaining: left } => {
+                assert!(remaining.insert(left), "two reservations saw {left} left");
+            }
+            CreditReserveOutcome::Insufficient { available } => {
+                assert!(available < 3, "refused with {available} available");
+                refused += 1;
+            }
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let samples = sampler.await.expect("sampler");
+    assert_eq!(
+        remaining.len(),
+        33,
+        "exactly floor(100/3) reservations succeed"
+    );
+    assert_eq!(refused, 167);
+    // Each success saw a distinct balance: 97, 94, …, 1 — none went below zero.
+    let expected: BTreeSet<u64> = (1..=33).map(|k| 100 - 3 * k).collect();
+    assert_eq!(remaining, expected);
+    assert!(!samples.is_empty());
+    assert!(
+        samples.iter().all(|&s| s <= 100),
+        "a sample above the start"
+    );
+    for ledger in ledgers {
+        assert_eq!(
+            ledger
+                .credit_balance(account_id, &bkt)
+                .await
+                .expect("balance"),
+            1
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The suite
+
+async fn concurrent_reservations_never_overspend(b: Backend) {
+    race_for_credits(std::slice::from_ref(&b.ledger), "acct-race").await;
+}
+
+async fn concurrent_reservations_across_two_instances(b: Backend) {
+    let second = b.another_instance();
+    race_for_credits(&[b.ledger.clone(), second], "acct-race2").await;
+}
+
+async fn missing_balance_is_seeded_once(b: Backend) {
+    let bkt = bucket("p-fresh", 500);
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let ledger = b.ledger.clone();
+            let r = credits("acct-seed", &format!("seed-{i}"), &bkt, 2);
+            tokio::spawn(async move { ledger.reserve_credits(&r).await })
+        })
+        .collect();
+    for task in tasks {
+        let outcome = task.await.expect("task").expect("store answers");
+        assert!(
+            matches!(outcome, CreditReserveOutcome::Reserved { .. }),
+            "{outcome:?}"
+        );
+    }
+    let left = b
+        .ledger
+        .credit_balance("acct-seed", &bkt)
+        .await
+        .expect("balance");
+    assert_eq!(left, 500 - 50 * 2);
+}
+
+async fn new_period_starts_at_allowance_without_rollover(b: Backend) {
+    let clock = FakeClock::at(ms("2031-04-20T12:00:00Z"));
+    let anchor = ms("2031-05-01T00:00:00Z");
+    let grace = 7 * DAY_MS;
+    let bucket_at = |now: i64| {
+        let p = period::current_period(anchor, now).expect("period");
+        (
+            p,
+            CreditBucket {
+                id: p.id(),
+                allowance: 100,
+                expires_at_ms: Some(p.end_ms + grace),
+            },
+        )
+    };
+    let (p1, b1) = bucket_at(clock.now_ms());
+    assert_eq!(
+        reserved(&*b.ledger, &credits("acct-roll", "roll-1", &b1, 30)).await,
+        70
+    );
+
+    clock.set(ms("2031-05-02T00:00:00Z"));
+    let (p2, b2) = bucket_at(clock.now_ms());
+    assert_eq!(p2.start_ms, p1.end_ms);
+    assert_ne!(b1.id, b2.id);
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-roll", &b2)
+            .await
+            .expect("balance"),
+        100
+    );
+
+    // Many first reservations of the new period: the bucket starts at 100 once (not 170, not
+    // 100 per request).
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let ledger = b.ledger.clone();
+            let r = credits("acct-roll", &format!("roll-2-{i}"), &b2, 5);
+            tokio::spawn(async move { ledger.reserve_credits(&r).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for task in tasks {
+        if let CreditReserveOutcome::Reserved { .. } = task.await.expect("task").expect("store") {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 20);
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-roll", &b2)
+            .await
+            .expect("balance"),
+        0
+    );
+    // The old period is untouched by the new one.
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-roll", &b1)
+            .await
+            .expect("balance"),
+        70
+    );
+}
+
+async fn refund_applies_exactly_once(b: Backend) {
+    let bkt = bucket("p-refund", 100);
+    assert_eq!(
+        reserved(&*b.ledger, &credits("acct-ref", "ref-1", &bkt, 10)).await,
+        90
+    );
+    let mut settled = 0;
+    for _ in 0..10 {
+        match b
+            .ledger
+            .settle("acct-ref", "ref-1", 10)
+            .await
+            .expect("settle")
+        {
+            SettleOutcome::Settled => settled += 1,
+            SettleOutcome::AlreadySettled => {}
+            SettleOutcome::Unknown => panic!("reservation unknown"),
+        }
+    }
+    assert_eq!(settled, 1);
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-ref", &bkt)
+            .await
+            .expect("balance"),
+        100
+    );
+}
+
+async fn concurrent_refunds_apply_exactly_once(b: Backend) {
+    let bkt = bucket("p-refund", 100);
+    let second = b.another_instance();
+    for round in 0..3 {
+        let rid = format!("cref-{round}");
+        assert_eq!(
+            reserved(&*b.ledger, &credits("acct-cref", &rid, &bkt, 10)).await,
+            90
+        );
+        let tasks: Vec<_> = (0..10)
+            .map(|i| {
+                let ledger = if i % 2 == 0 {
+                    b.ledger.clone()
+                } else {
+                    second.clone()
+                };
+                let rid = rid.clone();
+                tokio::spawn(async move { ledger.settle("acct-cref", &rid, 10).await })
+            })
+            .collect();
+        let mut settled = 0;
+        for task in tasks {
+            match task.await.expect("task").expect("settle") {
+                SettleOutcome::Settled => settled += 1,
+                SettleOutcome::AlreadySettled => {}
+                SettleOutcome::Unknown => panic!("reservation unknown"),
+            }
+        }
+        assert_eq!(settled, 1);
+        assert_eq!(
+            b.ledger
+                .credit_balance("acct-cref", &bkt)
+                .await
+                .expect("balance"),
+            100
+        );
+    }
+}
+
+async fn partial_refund_is_exact_and_clamped(b: Backend) {
+    let bkt = bucket("p-partial", 100);
+    // 3 images at 3 credits, 2 generated: 3 come back.
+    let mut r = credits("acct-part", "part-1", &bkt, 9);
+    r.meta = meta(3, 3);
+    assert_eq!(reserved(&*b.ledger, &r).await, 91);
+    assert_eq!(
+        b.ledger
+            .settle("acct-part", "part-1", 3)
+            .await
+            .expect("settle"),
+        SettleOutcome::Settled
+    );
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-part", &bkt)
+            .await
+            .expect("balance"),
+        94
+    );
+    // A refund above the reserved amount gives back only what was reserved.
+    assert_eq!(
+        reserved(&*b.ledger, &credits("acct-part", "part-2", &bkt, 6)).await,
+        88
+    );
+    assert_eq!(
+        b.ledger
+            .settle("acct-part", "part-2", 1000)
+            .await
+            .expect("settle"),
+        SettleOutcome::Settled
+    );
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-part", &bkt)
+            .await
+            .expect("balance"),
+        94
+    );
+}
+
+async fn settle_unknown_reservation(b: Backend) {
+    let bkt = bucket("p-unknown", 100);
+    for _ in 0..2 {
+        assert_eq!(
+            b.ledger
+                .settle("acct-unk", "never-made", 5)
+                .await
+                .expect("settle"),
+            SettleOutcome::Unknown
+        );
+    }
+    // A reservation of another account is not this account's.
+    assert_eq!(
+        reserved(&*b.ledger, &credits("acct-unk-2", "theirs", &bkt, 5)).await,
+        95
+    );
+    assert_eq!(
+        b.ledger
+            .settle("acct-unk", "theirs", 5)
+            .await
+            .expect("settle"),
+        SettleOutcome::Unknown
+    );
+    // A refused reservation is not a reservation.
+    let refused = credits("acct-unk-2", "too-big", &bkt, 1000);
+    assert_eq!(
+        b.ledger.reserve_credits(&refused).await.expect("reserve"),
+        CreditReserveOutcome::Insufficient { available: 95 }
+    );
+    assert_eq!(
+        b.ledger
+            .settle("acct-unk-2", "too-big", 1000)
+            .await
+            .expect("settle"),
+        SettleOutcome::Unknown
+    );
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-unk-2", &bkt)
+            .await
+            .expect("balance"),
+        95
+    );
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-unk", &bkt)
+            .await
+            .expect("balance"),
+        100
+    );
+}
+
+async fn settle_without_refund_keeps_the_charge(b: Backend) {
+    let bkt = bucket("p-keep", 10);
+    assert_eq!(
+        reserved(&*b.ledger, &credits("acct-keep", "keep-1", &bkt, 3)).await,
+        7
+    );
+    assert_eq!(
+        b.ledger
+            .settle("acct-keep", "keep-1", 0)
+            .await
+            .expect("settle"),
+        SettleOutcome::Settled
+    );
+    // A later refund attempt (e.g. a retried logging phase) changes nothing.
+    assert_eq!(
+        b.ledger
+            .settle("acct-keep", "keep-1", 3)
+            .await
+            .expect("settle"),
+        SettleOutcome::AlreadySettled
+    );
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-keep", &bkt)
+            .await
+            .expect("balance"),
+        7
+    );
+}
+
+async fn spend_stops_exactly_at_the_limit(b: Backend) {
+    let limit = 500_000;
+    let second = b.another_instance();
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let ledger = if i % 2 == 0 {
+                b.ledger.clone()
+            } else {
+                second.clone()
+            };
+            let r = spend("acct-ppu", &format!("ppu-{i}"), limit, 72_000);
+            tokio::spawn(async move { ledger.reserve_spend(&r).await })
+        })
+        .collect();
+    let mut spent_seen = BTreeSet::new();
+    for task in tasks {
+        match task.await.expect("task").expect("store answers") {
+            SpendReserveOutcome::Reserved { spent_micro } => {
+                assert!(spent_micro <= limit);
+                assert!(spent_seen.insert(spent_micro));
+            }
+            SpendReserveOutcome::LimitReached { spent_micro } => {
+                assert!(spent_micro + 72_000 > limit, "refused at {spent_micro}");
+            }
+        }
+    }
+    let expected: BTreeSet<u64> = (1..=6).map(|k| 72_000 * k).collect();
+    assert_eq!(
+        spent_seen, expected,
+        "exactly floor(500000/72000) = 6 charges"
+    );
+    // Readers may catch a refused INCRBY before its DECRBY (apply-then-compensate); once the
+    // reservations have answered, the spend is exactly the accepted charges.
+    assert_eq!(
+        b.ledger
+            .month_spend("acct-ppu", "203104")
+            .await
+            .expect("spend"),
+        432_000
+    );
+    assert_eq!(
+        b.ledger
+            .month_spend("acct-ppu", "203105")
+            .await
+            .expect("spend"),
+        0
+    );
+}
+
+async fn spend_refund_and_refused_spend(b: Backend) {
+    let limit = 200_000;
+    let r1 = spend("acct-sref", "s-1", limit, 150_000);
+    assert_eq!(
+        b.ledger.reserve_spend(&r1).await.expect("reserve"),
+        SpendReserveOutcome::Reserved {
+            spent_micro: 150_000
+        }
+    );
+    let r2 = spend("acct-sref", "s-2", limit, 72_000);
+    assert_eq!(
+        b.ledger.reserve_spend(&r2).await.expect("reserve"),
+        SpendReserveOutcome::LimitReached {
+            spent_micro: 150_000
+        }
+    );
+    assert_eq!(
+        b.ledger
+            .settle("acct-sref", "s-2", 72_000)
+            .await
+            .expect("settle"),
+        SettleOutcome::Unknown
+    );
+    // The upstream failed: the spend comes back once.
+    for expected in [SettleOutcome::Settled, SettleOutcome::AlreadySettled] {
+        assert_eq!(
+            b.ledger
+                .settle("acct-sref", "s-1", 150_000)
+                .await
+                .expect("settle"),
+            expected
+        );
+    }
+    assert_eq!(
+        b.ledger
+            .month_spend("acct-sref", "203104")
+            .await
+            .expect("spend"),
+        0
+    );
+    let r3 = spend("acct-sref", "s-3", limit, 72_000);
+    assert_eq!(
+        b.ledger.reserve_spend(&r3).await.expect("reserve"),
+        SpendReserveOutcome::Reserved {
+            spent_micro: 72_000
+        }
+    );
+}
+
+async fn grants_and_resets(b: Backend) {
+    let bkt = bucket("p-grant", 100);
+    assert_eq!(
+        b.ledger
+            .grant_credits("acct-gr", &bkt, 50)
+            .await
+            .expect("grant"),
+        150
+    );
+    assert_eq!(
+        reserved(&*b.ledger, &credits("acct-gr", "gr-1", &bkt, 10)).await,
+        140
+    );
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let ledger = b.ledger.clone();
+            let bkt = bkt.clone();
+            tokio::spawn(async move { ledger.grant_credits("acct-gr", &bkt, 1).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task").expect("grant");
+    }
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-gr", &bkt)
+            .await
+            .expect("balance"),
+        160
+    );
+    b.ledger
+        .reset_credits("acct-gr", &bkt, 300)
+        .await
+        .expect("reset");
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-gr", &bkt)
+            .await
+            .expect("balance"),
+        300
+    );
+    // A grant into an untouched bucket with an expiry starts from the allowance.
+    let later = CreditBucket {
+        id: "p-grant-2".to_string(),
+        allowance: 700,
+        expires_at_ms: Some(ms("2031-07-01T00:00:00Z")),
+    };
+    assert_eq!(
+        b.ledger
+            .grant_credits("acct-gr", &later, 5)
+            .await
+            .expect("grant"),
+        705
+    );
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-gr", &later)
+            .await
+            .expect("balance"),
+        705
+    );
+}
+
+async fn key_slots_follow_creation_order_after_revocation(b: Backend) {
+    for (i, id) in ["k1", "k2", "k3"].iter().enumerate() {
+        b.ledger
+            .insert_key(&format!("hash-{id}"), &key(id, "acct-keys"))
+            .await
+            .expect("insert");
+        assert_eq!(
+            b.ledger.key_slot("acct-keys", id).await.expect("slot"),
+            Some(i as u64)
+        );
+    }
+    b.ledger
+        .insert_key("hash-other", &key("k-other", "acct-other"))
+        .await
+        .expect("insert");
+    assert_eq!(
+        b.ledger
+            .key_slot("acct-other", "k-other")
+            .await
+            .expect("slot"),
+        Some(0)
+    );
+
+    let before = b
+        .ledger
+        .revoke_key("k2")
+        .await
+        .expect("revoke")
+        .expect("known key");
+    assert!(!before.revoked, "revoke returns the key as it was");
+    assert_eq!(
+        b.ledger.key_slot("acct-keys", "k2").await.expect("slot"),
+        None
+    );
+    assert_eq!(
+        b.ledger.key_slot("acct-keys", "k1").await.expect("slot"),
+        Some(0)
+    );
+    assert_eq!(
+        b.ledger.key_slot("acct-keys", "k3").await.expect("slot"),
+        Some(1)
+    );
+    let active: Vec<String> = b
+        .ledger
+        .active_keys("acct-keys")
+        .await
+        .expect("keys")
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(active, ["k1", "k3"]);
+
+    let k4 = key("k4", "acct-keys");
+    b.ledger.insert_key("hash-k4", &k4).await.expect("insert");
+    assert_eq!(
+        b.ledger.key_slot("acct-keys", "k4").await.expect("slot"),
+        Some(2)
+    );
+
+    let stored = b
+        .ledger
+        .key_by_hash("hash-k2")
+        .await
+        .expect("get")
+        .expect("kept");
+    assert!(stored.revoked);
+    assert_eq!(
+        b.ledger.key_by_hash("hash-k4").await.expect("get"),
+        Some(k4)
+    );
+    assert_eq!(b.ledger.key_by_hash("hash-none").await.expect("get"), None);
+    assert_eq!(b.ledger.revoke_key("nope").await.expect("revoke"), None);
+    let again = b
+        .ledger
+        .revoke_key("k2")
+        .await
+        .expect("revoke")
+        .expect("known");
+    assert!(again.revoked);
+    assert!(b
+        .ledger
+        .active_keys("acct-none")
+        .await
+        .expect("keys")
+        .is_empty());
+    assert_eq!(
+        b.ledger.key_slot("acct-none", "k1").await.expect("slot"),
+        None
+    );
+}
+
+async fn create_account_twice(b: Backend) {
+    let first = account("acct-twice", "starter");
+    assert!(b.ledger.create_account(&first, None).await.expect("create"));
+    let mut second = account("acct-twice", "business");
+    second.stripe_customer_id = Some("cus_other".to_string());
+    assert!(!b
+        .ledger
+        .create_account(&second, None)
+        .await
+        .expect("create"));
+    assert_eq!(
+        b.ledger.get_account("acct-twice").await.expect("get"),
+        Some(first)
+    );
+    assert_eq!(
+        b.ledger.get_account("acct-missing").await.expect("get"),
+        None
+    );
+}
+
+async fn concurrent_creates_make_one_account(b: Backend) {
+    let signup = bucket("signup", 10);
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let ledger = b.ledger.clone();
+            let mut a = account("acct-race-create", "free");
+            a.created_ms += i;
+            let signup = signup.clone();
+            tokio::spawn(async move { ledger.create_account(&a, Some(&signup)).await })
+        })
+        .collect();
+    let mut created = 0;
+    for task in tasks {
+        if task.await.expect("task").expect("create") {
+            created += 1;
+        }
+    }
+    assert_eq!(created, 1);
+    let stored = b
+        .ledger
+        .get_account("acct-race-create")
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(stored.plan, "free");
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-race-create", &signup)
+            .await
+            .expect("balance"),
+        10
+    );
+}
+
+async fn free_signup_bucket_is_granted_once(b: Backend) {
+    let signup = bucket("signup", 10);
+    let free = account("acct-free", "free");
+    assert!(b
+        .ledger
+        .create_account(&free, Some(&signup))
+        .await
+        .expect("create"));
+    assert_eq!(
+        reserved(&*b.ledger, &credits("acct-free", "f-1", &signup, 4)).await,
+        6
+    );
+    assert!(!b
+        .ledger
+        .create_account(&free, Some(&signup))
+        .await
+        .expect("create"));
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-free", &signup)
+            .await
+            .expect("balance"),
+        6
+    );
+
+    // An existing account without a signup bucket does not get one from a failed create.
+    let ppu = account("acct-ppu-only", PAY_PER_USE_PLAN);
+    assert!(b.ledger.create_account(&ppu, None).await.expect("create"));
+    let generous = bucket("signup", 99);
+    assert!(!b
+        .ledger
+        .create_account(&account("acct-ppu-only", "free"), Some(&generous))
+        .await
+        .expect("create"));
+    // Untouched: the balance read falls back to the allowance given now.
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-ppu-only", &bucket("signup", 7))
+            .await
+            .expect("balance"),
+        7
+    );
+}
+
+async fn update_account_overwrites(b: Backend) {
+    let a = account("acct-upd", "starter");
+    assert!(b.ledger.create_account(&a, None).await.expect("create"));
+    let mut changed = a.clone();
+    changed.plan = "pro".to_string();
+    changed.status = SubscriptionStatus::PastDue;
+    changed.pay_per_use = true;
+    changed.spending_limit_cents = 123;
+    changed.period_anchor_ms = ms("2031-06-15T00:00:00Z");
+    changed.stripe_customer_id = Some("cus_123".to_string());
+    b.ledger.update_account(&changed).await.expect("update");
+    assert_eq!(
+        b.ledger.get_account("acct-upd").await.expect("get"),
+        Some(changed.clone())
+    );
+    changed.stripe_customer_id = None;
+    b.ledger.update_account(&changed).await.expect("update");
+    assert_eq!(
+        b.ledger.get_account("acct-upd").await.expect("get"),
+        Some(changed)
+    );
+}
+
+async fn odd_account_ids_stay_separate(b: Backend) {
+    let bkt = bucket("p-odd", 10);
+    for id in ["x}y", "x%7Dy", "{a:x}", "a}b{c"] {
+        assert!(b
+            .ledger
+            .create_account(&account(id, "pro"), None)
+            .await
+            .expect("create"));
+        assert_eq!(reserved(&*b.ledger, &credits(id, "odd", &bkt, 1)).await, 9);
+    }
+    for id in ["x}y", "x%7Dy", "{a:x}", "a}b{c"] {
+        let stored = b
+            .ledger
+            .get_account(id)
+            .await
+            .expect("get")
+            .expect("exists");
+        assert_eq!(stored.id, id);
+        assert_eq!(b.ledger.credit_balance(id, &bkt).await.expect("balance"), 9);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis only
+
+fn redis_ledger(server: &RedisServer) -> Arc<RedisLedger> {
+    Arc::new(RedisLedger::new(&server.url(), COMMAND_TIMEOUT).expect("valid url"))
+}
+
+async fn raw_connection(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+/// Asserts the call fails with a store error, well within twice the command timeout.
+async fn fails_fast<T: std::fmt::Debug>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Duration {
+    let started = Instant::now();
+    let result = tokio::time::timeout(COMMAND_TIMEOUT * 10, call)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: hung for 10x the command timeout"));
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            result,
+            Err(StoreError::Unavailable(_) | StoreError::Timeout)
+        ),
+        "{what}: {result:?}"
+    );
+    assert!(
+        took < COMMAND_TIMEOUT * 2,
+        "{what}: took {took:?}, command timeout {COMMAND_TIMEOUT:?}"
+    );
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_fast_and_recovers() {
+    let mut server = RedisServer::start();
+    let ledger = redis_ledger(&server);
+    let bkt = bucket("p-outage", 100);
+    assert_eq!(
+        reserved(&*ledger, &credits("acct-out", "o-1", &bkt, 10)).await,
+        90
+    );
+
+    server.stop();
+    let mut slowest = Duration::ZERO;
+    for round in 0..5 {
+        let r = credits("acct-out", &format!("o-down-{round}"), &bkt, 10);
+        slowest = slowest.max(fails_fast("reserve", ledger.reserve_credits(&r)).await);
+        slowest = slowest.max(fails_fast("balance", ledger.credit_balance("acct-out", &bkt)).await);
+        slowest = slowest.max(fails_fast("ping", ledger.ping()).await);
+        slowest = slowest.max(fails_fast("settle", ledger.settle("acct-out", "o-1", 0)).await);
+    }
+    eprintln!("outage: slowest failing call {slowest:?} (timeout {COMMAND_TIMEOUT:?})");
+
+    server.start_again();
+    let restarted = Instant::now();
+    loop {
+        if ledger.ping().await.is_ok() {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(10),
+            "no reconnect within 10 s of the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "outage: reconnected {:?} after restart",
+        restarted.elapsed()
+    );
+    // The AOF kept the charge; the reservations refused during the outage charged nothing.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let balance = ledger
+            .credit_balance("acct-out", &bkt)
+            .await
+            .expect("balance");
+        if balance == 90 || Instant::now() > deadline {
+            assert_eq!(balance, 90);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        reserved(&*ledger, &credits("acct-out", "o-2", &bkt, 10)).await,
+        80
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_first_use_during_outage_connects_later() {
+    let mut server = RedisServer::start();
+    server.stop();
+    let ledger = redis_ledger(&server);
+    fails_fast("ping", ledger.ping()).await;
+    fails_fast("ping", ledger.ping()).await;
+    server.start_again();
+    let restarted = Instant::now();
+    while ledger.ping().await.is_err() {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(10),
+            "never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_bad_urls_are_refused_up_front() {
+    assert!(RedisLedger::new("http://127.0.0.1:6379", COMMAND_TIMEOUT).is_err());
+    assert!(RedisLedger::new("not a url", COMMAND_TIMEOUT).is_err());
+    assert!(RedisLedger::new("redis://127.0.0.1:6379/0", COMMAND_TIMEOUT).is_ok());
+    // Without TLS support compiled in, rediss:// is refused with a clear message.
+    if let Err(e) = RedisLedger::new("rediss://127.0.0.1:6379", COMMAND_TIMEOUT) {
+        assert!(e.to_string().contains("TLS"), "{e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outbox_is_written_with_the_charge() {
+    let server = RedisServer::start();
+    let ledger = redis_ledger(&server);
+    let limit = 250_000;
+    for i in 0..5 {
+        let _ = ledger
+            .reserve_spend(&spend("acct-ob", &format!("ob-{i}"), limit, 72_000))
+            .await
+            .expect("reserve");
+    }
+    // Three fit under the limit; the refused two left no report behind.
+    assert_eq!(ledger.outbox_len().await.expect("xlen"), 3);
+    let mut no_report = spend("acct-ob", "ob-none", 1_000_000, 1_000);
+    no_report.report = None;
+    ledger.reserve_spend(&no_report).await.expect("reserve");
+    assert_eq!(ledger.outbox_len().await.expect("xlen"), 3);
+
+    let mut conn = raw_connection(&server).await;
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("cg:outbox")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("xrange");
+    let rids: Vec<String> = entries
+        .ids
+        .iter()
+        .map(|e| e.get::<String>("rid").expect("rid"))
+        .collect();
+    assert_eq!(rids, ["ob-0", "ob-1", "ob-2"]);
+    assert_eq!(
+        entries.ids[0].get::<String>("customer").as_deref(),
+        Some("cus_test")
+    );
+    // The refused reservations are marked void for a worker that already read them.
+    let state: Option<String> = redis::cmd("HGET")
+        .arg("cg:{a:acct-ob}:rsv:ob-3")
+        .arg("state")
+        .query_async(&mut conn)
+        .await
+        .expect("hget");
+    assert_eq!(state.as_deref(), Some("void"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_settings_and_no_lua() {
+    let server = RedisServer::start();
+    let ledger = redis_ledger(&server);
+    assert_eq!(
+        ledger.server_settings().await.expect("config get"),
+        ("yes".to_string(), "noeviction".to_string())
+    );
+    // Exercise every step, then ask the server which commands it ran.
+    let bkt = bucket("p-nolua", 5);
+    ledger
+        .create_account(&account("acct-nolua", "free"), Some(&bucket("signup", 10)))
+        .await
+        .expect("create");
+    ledger
+        .insert_key("h", &key("k", "acct-nolua"))
+        .await
+        .expect("key");
+    ledger.active_keys("acct-nolua").await.expect("keys");
+    ledger.revoke_key("k").await.expect("revoke");
+    reserved(&*ledger, &credits("acct-nolua", "n-1", &bkt, 3)).await;
+    ledger
+        .reserve_credits(&credits("acct-nolua", "n-2", &bkt, 3))
+        .await
+        .expect("reserve");
+    ledger.settle("acct-nolua", "n-1", 1).await.expect("settle");
+    ledger
+        .grant_credits("acct-nolua", &bkt, 1)
+        .await
+        .expect("grant");
+    ledger
+        .reserve_spend(&spend("acct-nolua", "n-3", 100, 1_000))
+        .await
+        .expect("spend");
+    let mut conn = raw_connection(&server).await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("info");
+    for forbidden in [
+        "cmdstat_eval",
+        "cmdstat_evalsha",
+        "cmdstat_fcall",
+        "cmdstat_function",
+        "cmdstat_script",
+    ] {
+        assert!(!stats.contains(forbidden), "{forbidden} in\n{stats}");
+    }
+    assert!(stats.contains("cmdstat_exec"), "{stats}");
+    // Every per-account key carries the account's hash tag.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*acct-nolua*")
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    assert!(!keys.is_empty());
+    for k in keys {
+        assert!(k.starts_with("cg:{a:acct-nolua}:"), "{k}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_reservation_is_one_round_trip() {
+    let server = RedisServer::start();
+    let ledger = redis_ledger(&server);
+    let bkt = bucket("p-trip", 100);
+    // Warm the connection, then count the transactions and commands one reservation costs.
+    ledger.ping().await.expect("ping");
+    let mut conn = raw_connection(&server).await;
+    let before: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("info");
+    reserved(&*ledger, &credits("acct-trip", "t-1", &bkt, 3)).await;
+    let after: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("info");
+    let calls = |stats: &str, name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(calls(&after, "multi") - calls(&before, "multi"), 1);
+    assert_eq!(calls(&after, "exec") - calls(&before, "exec"), 1);
+    assert_eq!(calls(&after, "decrby") - calls(&before, "decrby"), 1);
+    assert_eq!(calls(&after, "incrby"), calls(&before, "incrby"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_reservation_with_unknown_outcome_is_given_back() {
+    let server = RedisServer::start();
+    let ledger = redis_ledger(&server);
+    let bkt = bucket("p-unsure", 100);
+    assert_eq!(
+        ledger
+            .credit_balance("acct-unsure", &bkt)
+            .await
+            .expect("balance"),
+        100
+    );
+
+    // The server freezes with the reservation in its input buffer: the caller times out (and
+    // answers 503), then the server wakes up and applies the reservation after all.
+    server.pause();
+    let r = credits("acct-unsure", "u-1", &bkt, 10);
+    let outcome = ledger.reserve_credits(&r).await;
+    assert!(matches!(outcome, Err(StoreError::Timeout)), "{outcome:?}");
+    server.resume();
+
+    // The ledger gives it back by itself, exactly once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let balance = ledger
+            .credit_balance("acct-unsure", &bkt)
+            .await
+            .expect("balance");
+        if balance == 100 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {balance} after 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        ledger
+            .settle("acct-unsure", "u-1", 10)
+            .await
+            .expect("settle"),
+        SettleOutcome::AlreadySettled
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        ledger
+            .credit_balance("acct-unsure", &bkt)
+            .await
+            .expect("balance"),
+        100
+    );
+    let mut conn = raw_connection(&server).await;
+    let refunded: Option<u64> = redis::cmd("HGET")
+        .arg("cg:{a:acct-unsure}:rsv:u-1")
+        .arg("refunded")
+        .query_async(&mut conn)
+        .await
+        .expect("hget");
+    assert_eq!(refunded, Some(10));
+}
