@@ -156,6 +156,26 @@ impl AdminApp {
     }
 
     async fn readyz(&self) -> JsonReply {
+        if let Some(redis) = &self.gw.redis {
+            match redis.server_settings().await {
+                Ok((appendonly, policy)) => {
+                    if appendonly != "yes" || policy != "noeviction" {
+                        return JsonReply::ok(
+                            503,
+                            &json!({"status": "not_ready", "reason": format!(
+                                "Redis must run with appendonly yes and maxmemory-policy noeviction (has appendonly {appendonly}, maxmemory-policy {policy})"
+                            )}),
+                        );
+                    }
+                }
+                Err(e) => {
+                    return JsonReply::ok(
+                        503,
+                        &json!({"status": "not_ready", "reason": e.to_string()}),
+                    )
+                }
+            }
+        }
         match self.gw.ledger.ping().await {
             Ok(()) => JsonReply::ok(
                 200,
@@ -471,8 +491,13 @@ impl AdminApp {
 
     fn reload(&self) -> JsonReply {
         match self.gw.catalog.reload() {
-            Ok(version) => JsonReply::ok(200, &json!({"version": version, "reloaded": true})),
+            Ok(version) => {
+                crate::metrics::set_catalog_version(version);
+                crate::metrics::inc(&crate::metrics::CATALOG_RELOADS, &["admin", "ok"], 1);
+                JsonReply::ok(200, &json!({"version": version, "reloaded": true}))
+            }
             Err(problems) => {
+                crate::metrics::inc(&crate::metrics::CATALOG_RELOADS, &["admin", "error"], 1);
                 let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
                 tracing::warn!(problems = ?list, "catalog reload refused");
                 JsonReply::ok(

@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use crate::auth::{self, Principal};
 use crate::billing_api::{self, BillingEndpoint};
+use crate::entitlement;
 use crate::error::GatewayError;
 use crate::incoming::{header_str, is_json, IncomingRequest};
 use crate::limits::MAX_API_BODY_BYTES;
+use crate::metrics;
 use crate::reserve::{self, Reservation, ReserveSettings};
 use crate::respond::JsonReply;
 use crate::rules::{self, canonicalize, Catalog, RequestInputs};
@@ -81,16 +83,23 @@ pub async fn admit(gw: &Gateway, req: &mut dyn IncomingRequest) -> Result<Admiss
     let principal =
         auth::authenticate(header, &gw.keys, gw.ledger.as_ref(), &catalog, now_ms).await?;
 
+    gw.rate_limits.check(
+        &principal.key_id,
+        entitlement::requests_per_minute(&catalog, &principal.account),
+    )?;
+
     let json_body = if route.needs_json_body() && is_json(req.header()) {
         let bytes = req.read_body(gw.config.server.max_json_body_bytes).await?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| {
-            GatewayError::InvalidRequest("The request body is not valid JSON.".to_string())
+        // Strict: duplicate keys are refused, so no reader can see another `model` than we priced.
+        let value = rules::parse_json_body(&bytes).map_err(|e| {
+            GatewayError::InvalidRequest(format!("The request body is not valid JSON: {}.", e.0))
         })?;
         Some(value)
     } else {
         None
     };
 
+    refuse_repeated_pricing_headers(req.header(), route.route())?;
     let quote = {
         // Scoped: the header lookup closure is not `Sync` and must not live across an await.
         let header = req.header();
@@ -111,17 +120,22 @@ pub async fn admit(gw: &Gateway, req: &mut dyn IncomingRequest) -> Result<Admiss
                     .saturating_mul(1000),
                 report_to_stripe: gw.config.stripe.enabled,
             };
-            Some(
-                reserve::reserve(
-                    gw.ledger.as_ref(),
-                    &catalog,
-                    &principal.account,
-                    &q,
-                    now_ms,
-                    &settings,
-                )
-                .await?,
+            let started = std::time::Instant::now();
+            let reserved = reserve::reserve(
+                gw.ledger.as_ref(),
+                &catalog,
+                &principal.account,
+                &q,
+                now_ms,
+                &settings,
             )
+            .await;
+            metrics::observe(
+                &metrics::STORE_LATENCY,
+                &["reserve"],
+                started.elapsed().as_secs_f64(),
+            );
+            Some(reserved?)
         }
     };
     let upstream_path = match &path.query {
@@ -136,4 +150,27 @@ pub async fn admit(gw: &Gateway, req: &mut dyn IncomingRequest) -> Result<Admiss
         catalog: catalog.clone(),
         reservation,
     })))
+}
+
+/// A header the route prices from must appear at most once: a backend reading the last copy
+/// must not see another model or count than the gateway priced.
+fn refuse_repeated_pricing_headers(
+    header: &pingora::http::RequestHeader,
+    route: &rules::Route,
+) -> Result<(), GatewayError> {
+    let sources = route
+        .model_sources()
+        .iter()
+        .chain(route.quantity_sources())
+        .chain(route.operation_sources());
+    for source in sources {
+        if let Some(name) = source.as_str().strip_prefix("header:") {
+            if header.headers.get_all(name).iter().count() > 1 {
+                return Err(GatewayError::InvalidRequest(format!(
+                    "The header {name} may be sent only once."
+                )));
+            }
+        }
+    }
+    Ok(())
 }

@@ -37,7 +37,7 @@ pub struct ServerConfig {
     pub threads: usize,
     /// JSON request bodies up to this size are read to find the model and count; larger ones → 413.
     pub max_json_body_bytes: usize,
-    /// Seconds in-flight requests get to finish on SIGTERM.
+    /// Seconds in-flight requests get to finish on SIGTERM (Pingora waits this long in full).
     pub shutdown_grace_s: u64,
 }
 
@@ -49,7 +49,7 @@ impl Default for ServerConfig {
             metrics_listen: "127.0.0.1:9090".into(),
             threads: 2,
             max_json_body_bytes: MAX_INSPECTED_BODY_LIMIT,
-            shutdown_grace_s: 10,
+            shutdown_grace_s: 5,
         }
     }
 }

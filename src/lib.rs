@@ -45,6 +45,8 @@ pub mod money;
 pub mod period;
 pub mod plan_change;
 pub mod proxy;
+pub mod ratelimit;
+pub mod reloader;
 pub mod reserve;
 pub mod respond;
 pub mod rules;

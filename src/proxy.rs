@@ -17,8 +17,9 @@ use crate::apikey::random_id;
 use crate::error::GatewayError;
 use crate::headers;
 use crate::incoming::SessionRequest;
-use crate::money::{MicroUsd, MICROS_PER_CENT};
-use crate::reserve::Payment;
+use crate::metrics;
+use crate::money::{MicroUsd, MICROS_PER_CENT, MICROS_PER_USD};
+use crate::reserve::{Payment, Reservation};
 use crate::respond::JsonReply;
 use crate::settle::{self, Settlement, UpstreamOutcome};
 use crate::state::Gateway;
@@ -254,21 +255,47 @@ impl ProxyHttp for CreditGateProxy {
 
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let mut charge = String::from("-");
+        if let Some(forward) = ctx.forward.as_ref() {
+            metrics::observe(
+                &metrics::UPSTREAM_LATENCY,
+                &[forward.route.as_str()],
+                ctx.started.elapsed().as_secs_f64(),
+            );
+        }
         if let Some(reservation) = ctx.forward.as_ref().and_then(|f| f.reservation.as_ref()) {
             let s = settle::decide(reservation, self.outcome(ctx));
-            match settle::settle(self.gw.ledger.as_ref(), reservation, s).await {
-                Ok(_) => {}
-                Err(err) => tracing::error!(
+            let started = Instant::now();
+            let settled = settle::settle(self.gw.ledger.as_ref(), reservation, s).await;
+            metrics::observe(
+                &metrics::STORE_LATENCY,
+                &["settle"],
+                started.elapsed().as_secs_f64(),
+            );
+            if let Err(err) = settled {
+                metrics::inc(&metrics::SETTLEMENT_FAILURES, &["store"], 1);
+                tracing::error!(
                     request_id = %ctx.request_id,
                     reservation = %reservation.id,
                     error = %err,
                     "settlement failed; the reservation stands as a charge"
-                ),
+                );
             }
+            record_charge(reservation, s);
             charge = match reservation.payment {
                 Payment::Credits { .. } => format!("{}cr", s.kept),
                 Payment::Spend { .. } => format!("${}", MicroUsd(s.kept)),
             };
+        }
+        let outcome = ctx.error_code.unwrap_or(if ctx.status < 400 {
+            "ok"
+        } else {
+            "upstream_error"
+        });
+        metrics::inc(&metrics::REQUESTS, &[ctx.route.as_str(), outcome], 1);
+        if ctx.forward.is_none() || ctx.upstream_status.is_none() {
+            if let Some(code) = ctx.error_code {
+                metrics::inc(&metrics::REJECTIONS, &[code], 1);
+            }
         }
         let account = ctx
             .forward
@@ -280,12 +307,41 @@ impl ProxyHttp for CreditGateProxy {
             route = %ctx.route,
             status = ctx.status,
             upstream_status = ctx.upstream_status.unwrap_or(0),
-            outcome = ctx.error_code.unwrap_or(if ctx.status < 400 { "ok" } else { "upstream_error" }),
+            outcome = outcome,
             charge = %charge,
             error = e.map(|e| e.to_string()).unwrap_or_default(),
             latency_us = ctx.started.elapsed().as_micros() as u64,
             "request"
         );
+    }
+}
+
+/// Counts what a settled reservation kept and gave back.
+fn record_charge(reservation: &Reservation, s: Settlement) {
+    let meta = &reservation.meta;
+    match reservation.payment {
+        Payment::Credits { .. } => {
+            let labels = [
+                reservation.plan.as_str(),
+                meta.operation.as_str(),
+                meta.model.as_str(),
+            ];
+            metrics::inc(&metrics::CREDITS_CHARGED, &labels, s.kept);
+            if s.refunded > 0 {
+                metrics::inc(&metrics::CREDITS_REFUNDED, &labels, s.refunded);
+            }
+        }
+        Payment::Spend { .. } => {
+            let usd = |micro: u64| micro as f64 / MICROS_PER_USD as f64;
+            metrics::add(&metrics::PPU_SPEND_USD, &[meta.model.as_str()], usd(s.kept));
+            if s.refunded > 0 {
+                metrics::add(
+                    &metrics::PPU_REFUNDED_USD,
+                    &[meta.model.as_str()],
+                    usd(s.refunded),
+                );
+            }
+        }
     }
 }
 

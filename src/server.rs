@@ -16,8 +16,9 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, StoreBackend};
 use crate::ledger::{Ledger, MemoryLedger, RedisLedger};
 use crate::live_catalog::LiveCatalog;
-use crate::metrics::MetricsApp;
+use crate::metrics::{self, MetricsApp};
 use crate::proxy::CreditGateProxy;
+use crate::reloader::Reloader;
 use crate::state::Gateway;
 
 /// Why the gateway could not start.
@@ -40,14 +41,19 @@ pub fn build_gateway(config: Config, clock: SharedClock) -> Result<Arc<Gateway>,
             .collect::<Vec<_>>()
             .join("\n"),
     })?;
+    let mut redis = None;
     let ledger: Arc<dyn Ledger> = match config.store.backend {
-        StoreBackend::Redis => Arc::new(
-            RedisLedger::new(
-                &config.store.url,
-                Duration::from_millis(config.store.command_timeout_ms),
-            )
-            .map_err(|e| StartError::Store(e.to_string()))?,
-        ),
+        StoreBackend::Redis => {
+            let r = Arc::new(
+                RedisLedger::new(
+                    &config.store.url,
+                    Duration::from_millis(config.store.command_timeout_ms),
+                )
+                .map_err(|e| StartError::Store(e.to_string()))?,
+            );
+            redis = Some(r.clone());
+            r
+        }
         StoreBackend::Memory => {
             tracing::warn!(
                 "store.backend = \"memory\": balances live in this process only and are lost on exit; use Redis in production"
@@ -55,7 +61,10 @@ pub fn build_gateway(config: Config, clock: SharedClock) -> Result<Arc<Gateway>,
             Arc::new(MemoryLedger::new())
         }
     };
-    Ok(Arc::new(Gateway::new(config, catalog, ledger, clock)))
+    metrics::set_catalog_version(catalog.snapshot().version);
+    let mut gw = Gateway::new(config, catalog, ledger, clock);
+    gw.redis = redis;
+    Ok(Arc::new(gw))
 }
 
 /// Builds and runs the server until SIGTERM/SIGINT.
@@ -78,8 +87,10 @@ pub fn build_server(gw: Arc<Gateway>) -> Server {
     let pid = std::process::id();
     let conf = ServerConf {
         threads: cfg.server.threads,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(cfg.server.shutdown_grace_s),
+        // On SIGTERM Pingora stops accepting at once, then waits this long for in-flight
+        // requests to finish (their `logging` phase settles them) before stopping runtimes.
+        grace_period_seconds: Some(cfg.server.shutdown_grace_s),
+        graceful_shutdown_timeout_seconds: Some(2),
         pid_file: run_dir
             .join(format!("creditgate-{pid}.pid"))
             .display()
@@ -109,5 +120,9 @@ pub fn build_server(gw: Arc<Gateway>) -> Server {
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(metrics);
+    server.add_service(pingora::services::background::background_service(
+        "catalog reloader",
+        Reloader { gw: gw.clone() },
+    ));
     server
 }

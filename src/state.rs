@@ -7,7 +7,9 @@ use crate::auth::KeyCache;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::ledger::Ledger;
+use crate::ledger::RedisLedger;
 use crate::live_catalog::LiveCatalog;
+use crate::ratelimit::RateLimits;
 
 pub struct Gateway {
     pub config: Config,
@@ -15,6 +17,9 @@ pub struct Gateway {
     pub ledger: Arc<dyn Ledger>,
     pub clock: SharedClock,
     pub keys: KeyCache,
+    pub rate_limits: RateLimits,
+    /// The Redis backend, when that is the store (for its server-settings check).
+    pub redis: Option<Arc<RedisLedger>>,
     /// The admin bearer token, from the environment variable the config names.
     pub admin_token: Option<String>,
 }
@@ -36,6 +41,8 @@ impl Gateway {
             ledger,
             clock,
             keys,
+            rate_limits: RateLimits::new(),
+            redis: None,
             admin_token,
         }
     }

@@ -573,6 +573,32 @@ async fn spoofed_gateway_headers_never_reach_the_backend() {
     )
     .await;
     assert_eq!(r.status, 400);
+    // Repeated pricing headers and duplicate JSON keys are refused too.
+    let r = http::request(
+        e.gw.proxy,
+        "POST",
+        "/api/v1/images/relight",
+        &[
+            ("Authorization", &auth),
+            ("X-Model", "seedream-4.5"),
+            ("X-Model", "nano-banana-pro"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = http::request(
+        e.gw.proxy,
+        "POST",
+        "/api/v1/images/relight",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        Some(br#"{"model":"seedream-4.5","model":"nano-banana-pro"}"#),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(e.backend.request_count(), 1);
 }
 

@@ -15,6 +15,7 @@
 //! | `cg:keyid:<key id>` | string | the SHA-256 hex of that key |
 //! | `cg:keyseq` | string (int) | the key creation sequence |
 //! | `cg:outbox` | stream | pay-per-use charges to report to Stripe ([`outbox_field`]) |
+//! | `cg:outbox:dead` | stream | outbox entries Stripe refused for good, with the error |
 //! | `cg:customer:<stripe customer id>` | string | the account id with that Stripe customer (checked against the account on read) |
 //! | `cg:stripe:evt:<event id>` | string | a Stripe webhook event: `pending` (lease) or `done` |
 //!
@@ -30,6 +31,10 @@
 pub const KEY_SEQ: &str = "cg:keyseq";
 /// The Stripe outbox stream.
 pub const OUTBOX: &str = "cg:outbox";
+/// The consumer group of the Stripe outbox workers.
+pub const OUTBOX_GROUP: &str = "stripe";
+/// Outbox entries Stripe refused for good, with the error (kept for an operator).
+pub const OUTBOX_DEAD: &str = "cg:outbox:dead";
 
 /// How long a month's spend counter lives after its last change: a month plus grace.
 pub const SPEND_TTL_MS: i64 = 40 * 24 * 3600 * 1000;

@@ -40,6 +40,7 @@ pub struct GatewayOptions {
     pub rules_dir: Option<PathBuf>,
     pub env: Vec<(String, String)>,
     pub read_timeout_ms: u64,
+    pub watch_rules: bool,
 }
 
 impl GatewayOptions {
@@ -51,6 +52,7 @@ impl GatewayOptions {
             rules_dir: None,
             env: Vec::new(),
             read_timeout_ms: 5000,
+            watch_rules: true,
         }
     }
 }
@@ -76,7 +78,7 @@ listen = "{proxy}"
 admin_listen = "{admin}"
 metrics_listen = "{metrics}"
 threads = 2
-shutdown_grace_s = 5
+shutdown_grace_s = 2
 
 [upstream]
 address = "{up}"
@@ -89,6 +91,7 @@ command_timeout_ms = 200
 
 [rules]
 dir = "{rules}"
+watch = {watch}
 
 {extra}
 "#,
@@ -96,6 +99,7 @@ dir = "{rules}"
             read_timeout = opts.read_timeout_ms,
             redis = opts.redis_url,
             rules = rules.display(),
+            watch = opts.watch_rules,
             extra = opts.extra_toml,
         );
         let config_path = dir.path().join("creditgate.toml");
