@@ -17,6 +17,11 @@ use crate::respond::JsonReply;
 use crate::rules::{self, canonicalize, Catalog, RequestInputs};
 use crate::state::Gateway;
 
+/// Where Stripe delivers webhook events (on the proxy listener, authenticated by signature).
+pub const STRIPE_WEBHOOK_PATH: &str = "/webhooks/stripe";
+/// Largest Stripe event body accepted.
+const MAX_WEBHOOK_BODY_BYTES: usize = 512 * 1024;
+
 /// What to do with an admitted request.
 pub enum Admission {
     /// The gateway answers it itself.
@@ -51,6 +56,19 @@ pub async fn admit(gw: &Gateway, req: &mut dyn IncomingRequest) -> Result<Admiss
     let method = header.method.as_str().to_string();
     let catalog = gw.catalog.snapshot();
     let now_ms = gw.now_ms();
+
+    if path.path == STRIPE_WEBHOOK_PATH {
+        if method != "POST" {
+            return Err(GatewayError::NotFound);
+        }
+        let signature = header_str(header, "stripe-signature").map(str::to_string);
+        let body = req.read_body(MAX_WEBHOOK_BODY_BYTES).await?;
+        let reply = crate::stripe::webhook::handle(gw, signature.as_deref(), &body).await?;
+        return Ok(Admission::Reply {
+            route: "POST /webhooks/stripe",
+            reply,
+        });
+    }
 
     if BillingEndpoint::owns_path(&path.path) {
         let endpoint = BillingEndpoint::find(&method, &path.path).ok_or(GatewayError::NotFound)?;

@@ -53,3 +53,4 @@ pub mod rules;
 pub mod server;
 pub mod settle;
 pub mod state;
+pub mod stripe;

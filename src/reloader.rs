@@ -93,7 +93,7 @@ impl BackgroundService for Reloader {
                 }
                 _ = tokio::time::sleep(POLL) => {
                     polls = polls.wrapping_add(1);
-                    if polls % JANITOR_EVERY == 0 {
+                    if polls.is_multiple_of(JANITOR_EVERY) {
                         self.gw.rate_limits.retain_recent();
                     }
                     if self.gw.config.rules.watch {

@@ -20,6 +20,7 @@ use crate::metrics::{self, MetricsApp};
 use crate::proxy::CreditGateProxy;
 use crate::reloader::Reloader;
 use crate::state::Gateway;
+use crate::stripe::StripeReporter;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,8 @@ pub enum StartError {
     Rules { dir: String, problems: String },
     #[error("the store could not be set up: {0}")]
     Store(String),
+    #[error("Stripe reporting could not be set up: {0}")]
+    Stripe(String),
 }
 
 /// The shared state, from a validated config.
@@ -76,7 +79,14 @@ pub fn serve(config: Config) -> Result<(), StartError> {
             "no admin token set: the admin API answers 401 to everything"
         );
     }
-    let server = build_server(gw);
+    let reporter = stripe_reporter(&gw)?;
+    let mut server = build_server(gw);
+    if let Some(r) = reporter {
+        server.add_service(pingora::services::background::background_service(
+            "stripe reporter",
+            r,
+        ));
+    }
     server.run_forever();
 }
 
@@ -125,4 +135,31 @@ pub fn build_server(gw: Arc<Gateway>) -> Server {
         Reloader { gw: gw.clone() },
     ));
     server
+}
+
+/// The Stripe meter-event worker, when `stripe.enabled`. It needs Redis (the outbox is a Redis
+/// stream) and the secret key from the environment; without them the gateway refuses to start
+/// rather than pile up charges nobody reports.
+fn stripe_reporter(gw: &Gateway) -> Result<Option<StripeReporter>, StartError> {
+    let cfg = &gw.config;
+    if !cfg.stripe.enabled {
+        return Ok(None);
+    }
+    if cfg.store.backend != StoreBackend::Redis {
+        return Err(StartError::Stripe(
+            "stripe.enabled needs store.backend = \"redis\" (the outbox is a Redis stream)".into(),
+        ));
+    }
+    let secret = std::env::var(&cfg.stripe.secret_key_env)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            StartError::Stripe(format!(
+                "stripe.enabled but ${} is not set",
+                cfg.stripe.secret_key_env
+            ))
+        })?;
+    StripeReporter::new(&cfg.store.url, &cfg.stripe, &secret, gw.clock.clone())
+        .map(Some)
+        .map_err(|e| StartError::Stripe(e.to_string()))
 }

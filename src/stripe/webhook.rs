@@ -1,0 +1,435 @@
+//! `POST /webhooks/stripe`: decides which Stripe events change an account, how, and that each
+//! event changes it once.
+//!
+//! 1. `Stripe-Signature` must verify against the secret in the environment variable
+//!    `stripe.webhook_secret_env` within 5 minutes of the gateway clock ([`signature`]); else
+//!    400 `invalid_request`, nothing read further.
+//! 2. The account is the one whose `stripeCustomerId` is the object's `customer`
+//!    ([`Ledger::account_by_stripe_customer`]). Events for unknown customers, of other types, or
+//!    that change nothing answer 200 and apply nothing.
+//! 3. The event id is claimed in the store ([`Ledger::begin_stripe_event`], 60 s lease): a
+//!    re-send of an applied event answers 200 without applying; one that arrives while the first
+//!    is being applied answers 409 (Stripe retries). A failure (store down: 503) lets the lease
+//!    lapse so Stripe's retry applies it; success marks it applied for 30 days.
+//!
+//! Events:
+//! - `customer.subscription.created|updated|deleted`: plan = the catalog plan of the first
+//!   subscription item whose price id the catalog maps (`stripe_price_ids`; none → plan
+//!   unchanged); status = Stripe's (`incomplete_expired` → `canceled`, `unpaid`/`paused` →
+//!   `past_due`; `deleted` → `canceled`); period end = `current_period_end` of the subscription,
+//!   or of the plan's item in newer API versions, as the account's period anchor. Credits
+//!   first (`carry_credits`: an upgrade mid-period adds the allowance difference, a period
+//!   re-anchored by a few seconds or days keeps its balance), then the account is written and
+//!   the key cache cleared.
+//! - `invoice.paid` for a subscription period (`billing_reason` absent, `subscription_cycle`,
+//!   `subscription_create` or `subscription`): the credit bucket of the period containing now is
+//!   reset to the plan's allowance. Plan changes (`subscription_update`), manual and threshold
+//!   invoices are not a new period and change nothing.
+//!
+//! [`plan_change`]: crate::plan_change
+//! [`Ledger::account_by_stripe_customer`]: crate::ledger::Ledger::account_by_stripe_customer
+//! [`Ledger::begin_stripe_event`]: crate::ledger::Ledger::begin_stripe_event
+
+use serde_json::{json, Value};
+
+use super::metrics;
+use super::signature::{self, SignatureError};
+use crate::entitlement;
+use crate::error::GatewayError;
+use crate::ledger::{Account, StripeEventClaim, SubscriptionStatus};
+use crate::plan_change;
+use crate::respond::JsonReply;
+use crate::rules::{Catalog, CreditGrant};
+use crate::state::Gateway;
+
+/// How long one delivery holds an event while applying it.
+pub const EVENT_LEASE_MS: i64 = 60_000;
+/// How long an applied event id is remembered (Stripe re-sends for up to 3 days).
+pub const EVENT_KEEP_MS: i64 = 30 * 24 * 3600 * 1000;
+
+/// The event types applied; everything else is acknowledged and ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    SubscriptionCreated,
+    SubscriptionUpdated,
+    SubscriptionDeleted,
+    InvoicePaid,
+}
+
+impl Kind {
+    fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "customer.subscription.created" => Self::SubscriptionCreated,
+            "customer.subscription.updated" => Self::SubscriptionUpdated,
+            "customer.subscription.deleted" => Self::SubscriptionDeleted,
+            "invoice.paid" => Self::InvoicePaid,
+            _ => return None,
+        })
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::SubscriptionCreated => "customer.subscription.created",
+            Self::SubscriptionUpdated => "customer.subscription.updated",
+            Self::SubscriptionDeleted => "customer.subscription.deleted",
+            Self::InvoicePaid => "invoice.paid",
+        }
+    }
+}
+
+/// What became of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Applied,
+    Unchanged,
+    Ignored(&'static str),
+    Duplicate,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Unchanged => "unchanged",
+            Self::Ignored(_) => "ignored",
+            Self::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// Handles one delivery of `POST /webhooks/stripe` (the raw body, as signed).
+pub async fn handle(
+    gw: &Gateway,
+    signature_header: Option<&str>,
+    body: &[u8],
+) -> Result<JsonReply, GatewayError> {
+    let secret = std::env::var(&gw.config.stripe.webhook_secret_env).unwrap_or_default();
+    let now_ms = gw.now_ms();
+    if let Err(e) = signature::verify(&secret, signature_header, body, now_ms.div_euclid(1000)) {
+        if e == SignatureError::NoSecret {
+            tracing::error!(
+                env = %gw.config.stripe.webhook_secret_env,
+                "Stripe webhook refused: no signing secret in the environment"
+            );
+        }
+        metrics::webhook("other", "bad_signature");
+        return Err(GatewayError::InvalidRequest(format!(
+            "Invalid Stripe-Signature: {e}."
+        )));
+    }
+    let event: Value = serde_json::from_slice(body).map_err(|_| {
+        GatewayError::InvalidRequest("The webhook body is not a JSON Stripe event.".into())
+    })?;
+    let (Some(id), Some(type_text)) = (
+        event
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty()),
+        event.get("type").and_then(Value::as_str),
+    ) else {
+        return Err(GatewayError::InvalidRequest(
+            "The webhook event has no id or type.".into(),
+        ));
+    };
+    let Some(kind) = Kind::parse(type_text) else {
+        metrics::webhook("other", "ignored");
+        return Ok(reply(
+            id,
+            type_text,
+            Outcome::Ignored("event type not used"),
+        ));
+    };
+    let object = event
+        .get("data")
+        .and_then(|d| d.get("object"))
+        .filter(|o| o.is_object())
+        .ok_or_else(|| {
+            GatewayError::InvalidRequest("The webhook event has no data.object.".into())
+        })?;
+    let outcome = match apply(gw, id, kind, object).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            metrics::webhook(kind.as_str(), "failed");
+            return Err(e);
+        }
+    };
+    metrics::webhook(kind.as_str(), outcome.as_str());
+    tracing::info!(event = %id, r#type = kind.as_str(), result = outcome.as_str(), "Stripe webhook");
+    Ok(reply(id, type_text, outcome))
+}
+
+fn reply(id: &str, type_text: &str, outcome: Outcome) -> JsonReply {
+    let mut body = json!({
+        "received": true,
+        "id": id,
+        "type": type_text,
+        "result": outcome.as_str(),
+    });
+    if let (Outcome::Ignored(reason), Some(map)) = (outcome, body.as_object_mut()) {
+        map.insert("reason".into(), Value::from(reason));
+    }
+    JsonReply::ok(200, &body)
+}
+
+/// Finds the account, claims the event, applies it, marks it applied.
+async fn apply(
+    gw: &Gateway,
+    event_id: &str,
+    kind: Kind,
+    object: &Value,
+) -> Result<Outcome, GatewayError> {
+    let Some(customer) = customer_id(object) else {
+        return Ok(Outcome::Ignored("no customer on the object"));
+    };
+    if gw
+        .ledger
+        .account_by_stripe_customer(customer)
+        .await?
+        .is_none()
+    {
+        tracing::warn!(event = %event_id, customer = %customer,
+            "Stripe webhook for a customer no account names; ignored");
+        return Ok(Outcome::Ignored("no account has this Stripe customer"));
+    }
+    match gw
+        .ledger
+        .begin_stripe_event(event_id, EVENT_LEASE_MS)
+        .await?
+    {
+        StripeEventClaim::Claimed => {}
+        StripeEventClaim::Applied => return Ok(Outcome::Duplicate),
+        StripeEventClaim::InProgress => return Err(GatewayError::IdempotencyInProgress),
+    }
+    // Read again under the claim: another event may have changed the account meanwhile.
+    let Some(account) = gw.ledger.account_by_stripe_customer(customer).await? else {
+        return Ok(Outcome::Ignored("no account has this Stripe customer"));
+    };
+    let catalog = gw.catalog.snapshot();
+    let now_ms = gw.now_ms();
+    let outcome = match kind {
+        Kind::InvoicePaid => invoice_paid(gw, &catalog, &account, object, now_ms).await?,
+        Kind::SubscriptionCreated | Kind::SubscriptionUpdated | Kind::SubscriptionDeleted => {
+            let change = subscription_change(&catalog, object, kind == Kind::SubscriptionDeleted);
+            let new = change.applied_to(&account);
+            if new == account {
+                Outcome::Unchanged
+            } else {
+                // Credits first, then switch (as the admin API does): a request in between
+                // must not seed the new bucket and then receive the difference on top.
+                carry_credits(gw, &catalog, &account, &new, now_ms).await?;
+                gw.ledger.update_account(&new).await?;
+                gw.keys.clear();
+                Outcome::Applied
+            }
+        }
+    };
+    if let Err(e) = gw.ledger.finish_stripe_event(event_id, EVENT_KEEP_MS).await {
+        // Applied, but not marked: a re-send after the lease would apply it again. Answer
+        // 200 anyway so Stripe does not re-send on purpose.
+        tracing::warn!(event = %event_id, error = %e, "Stripe event applied but not marked");
+    }
+    Ok(outcome)
+}
+
+/// Two current periods whose ends are at most this far apart are the same period, re-anchored.
+pub const SAME_PERIOD_SHIFT_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// What a plan or period change does to the current period's credits.
+///
+/// Stripe's period end usually differs a little from the anchor the account had (set by the
+/// admin API, or on the 31st of a month), and the period's bucket is named by its end: taken
+/// as is, the first subscription event would open a fresh bucket at the full allowance. When
+/// the current period before and after the change end within [`SAME_PERIOD_SHIFT_MS`] of each
+/// other it is the same period: what was left moves to the re-anchored bucket (plus the
+/// allowance difference of an upgrade). Otherwise the new period starts at its allowance by
+/// itself, and an upgrade within one bucket adds the difference ([`plan_change`]). A genuinely
+/// new paid period resets the credits through `invoice.paid`.
+async fn carry_credits(
+    gw: &Gateway,
+    catalog: &Catalog,
+    old: &Account,
+    new: &Account,
+    now_ms: i64,
+) -> Result<(), GatewayError> {
+    if let (Some(old_plan), Some(new_plan)) = (catalog.plan(&old.plan), catalog.plan(&new.plan)) {
+        let periodic =
+            old_plan.grant == CreditGrant::Period && new_plan.grant == CreditGrant::Period;
+        let buckets = (
+            entitlement::credit_bucket(catalog, old, now_ms),
+            entitlement::credit_bucket(catalog, new, now_ms),
+            entitlement::current_period_end(catalog, old, now_ms),
+            entitlement::current_period_end(catalog, new, now_ms),
+        );
+        if let (true, (Some(old_bucket), Some(new_bucket), Some(old_end), Some(new_end))) =
+            (periodic, buckets)
+        {
+            let shift = old_end.saturating_sub(new_end).unsigned_abs();
+            if old_bucket.id != new_bucket.id && shift <= SAME_PERIOD_SHIFT_MS.unsigned_abs() {
+                let left = gw.ledger.credit_balance(&old.id, &old_bucket).await?;
+                let top_up = new_plan.credits.saturating_sub(old_plan.credits);
+                gw.ledger
+                    .reset_credits(&new.id, &new_bucket, left.saturating_add(top_up))
+                    .await?;
+                return Ok(());
+            }
+        }
+    }
+    plan_change::apply_upgrade_difference(gw.ledger.as_ref(), catalog, old, new, now_ms).await?;
+    Ok(())
+}
+
+/// `customer` as an id, or the id of an expanded customer object.
+fn customer_id(object: &Value) -> Option<&str> {
+    match object.get("customer")? {
+        Value::String(s) if !s.is_empty() => Some(s),
+        Value::Object(o) => o
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty()),
+        _ => None,
+    }
+}
+
+/// What a subscription object says the account should be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SubscriptionChange {
+    plan: Option<String>,
+    status: Option<SubscriptionStatus>,
+    period_end_ms: Option<i64>,
+}
+
+impl SubscriptionChange {
+    fn applied_to(&self, account: &Account) -> Account {
+        let mut new = account.clone();
+        if let Some(plan) = &self.plan {
+            new.plan = plan.clone();
+        }
+        if let Some(status) = self.status {
+            new.status = status;
+        }
+        if let Some(end) = self.period_end_ms {
+            new.period_anchor_ms = end;
+        }
+        new
+    }
+}
+
+fn subscription_change(catalog: &Catalog, sub: &Value, deleted: bool) -> SubscriptionChange {
+    let items: Vec<&Value> = sub
+        .get("items")
+        .and_then(|i| i.get("data"))
+        .and_then(Value::as_array)
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
+    let price_of = |item: &Value| -> Option<String> {
+        item.get("price")
+            .and_then(|p| p.get("id").or(Some(p)))
+            .and_then(Value::as_str)
+            .or_else(|| {
+                item.get("plan")
+                    .and_then(|p| p.get("id"))
+                    .and_then(Value::as_str)
+            })
+            .map(str::to_string)
+    };
+    let plan_item = items.iter().find_map(|item| {
+        let price = price_of(item)?;
+        let plan = catalog.plan_for_stripe_price(&price)?;
+        Some((plan.id.to_string(), *item))
+    });
+    let seconds = |v: Option<&Value>| v.and_then(Value::as_i64).filter(|s| *s > 0);
+    let period_end_s = seconds(sub.get("current_period_end"))
+        .or_else(|| {
+            plan_item
+                .as_ref()
+                .and_then(|(_, item)| seconds(item.get("current_period_end")))
+        })
+        .or_else(|| {
+            items
+                .iter()
+                .find_map(|item| seconds(item.get("current_period_end")))
+        });
+    let status = if deleted {
+        Some(SubscriptionStatus::Canceled)
+    } else {
+        sub.get("status")
+            .and_then(Value::as_str)
+            .and_then(stripe_status)
+    };
+    SubscriptionChange {
+        plan: plan_item.map(|(plan, _)| plan),
+        status,
+        period_end_ms: period_end_s.and_then(|s| s.checked_mul(1000)),
+    }
+}
+
+/// Stripe's subscription statuses in the gateway's five.
+fn stripe_status(text: &str) -> Option<SubscriptionStatus> {
+    SubscriptionStatus::parse(text).or(match text {
+        "incomplete_expired" => Some(SubscriptionStatus::Canceled),
+        "unpaid" | "paused" => Some(SubscriptionStatus::PastDue),
+        _ => None,
+    })
+}
+
+async fn invoice_paid(
+    gw: &Gateway,
+    catalog: &Catalog,
+    account: &Account,
+    invoice: &Value,
+    now_ms: i64,
+) -> Result<Outcome, GatewayError> {
+    let reason = invoice.get("billing_reason").and_then(Value::as_str);
+    if !matches!(
+        reason,
+        None | Some("subscription_cycle" | "subscription_create" | "subscription")
+    ) {
+        return Ok(Outcome::Ignored("invoice is not for a new period"));
+    }
+    let Some(plan) = catalog.plan(&account.plan) else {
+        return Ok(Outcome::Ignored("account plan has no credits"));
+    };
+    if plan.grant != CreditGrant::Period {
+        return Ok(Outcome::Ignored("account plan has no credit periods"));
+    }
+    let Some(bucket) = entitlement::credit_bucket(catalog, account, now_ms) else {
+        return Ok(Outcome::Ignored("account has no current period"));
+    };
+    gw.ledger
+        .reset_credits(&account.id, &bucket, plan.credits)
+        .await?;
+    gw.keys.clear();
+    Ok(Outcome::Applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn customer_ids_are_read_plain_or_expanded() {
+        assert_eq!(customer_id(&json!({"customer": "cus_1"})), Some("cus_1"));
+        assert_eq!(
+            customer_id(&json!({"customer": {"id": "cus_2", "object": "customer"}})),
+            Some("cus_2")
+        );
+        assert_eq!(customer_id(&json!({"customer": ""})), None);
+        assert_eq!(customer_id(&json!({})), None);
+    }
+
+    #[test]
+    fn stripe_statuses_map_onto_five() {
+        assert_eq!(stripe_status("active"), Some(SubscriptionStatus::Active));
+        assert_eq!(
+            stripe_status("trialing"),
+            Some(SubscriptionStatus::Trialing)
+        );
+        assert_eq!(
+            stripe_status("incomplete_expired"),
+            Some(SubscriptionStatus::Canceled)
+        );
+        assert_eq!(stripe_status("unpaid"), Some(SubscriptionStatus::PastDue));
+        assert_eq!(stripe_status("paused"), Some(SubscriptionStatus::PastDue));
+        assert_eq!(stripe_status("weird"), None);
+    }
+}
