@@ -9,6 +9,7 @@ use crate::auth::{self, Principal};
 use crate::billing_api::{self, BillingEndpoint};
 use crate::entitlement;
 use crate::error::GatewayError;
+use crate::idempotency::{self, Check};
 use crate::incoming::{header_str, is_json, IncomingRequest};
 use crate::limits::MAX_API_BODY_BYTES;
 use crate::metrics;
@@ -43,6 +44,8 @@ pub struct Forward {
     /// The catalog that quoted the request; it also settles it.
     pub catalog: Arc<Catalog>,
     pub reservation: Option<Reservation>,
+    /// The claimed `Idempotency-Key`, to finish or release once the outcome is known.
+    pub idempotency: Option<idempotency::Ticket>,
 }
 
 pub async fn admit(gw: &Gateway, req: &mut dyn IncomingRequest) -> Result<Admission, GatewayError> {
@@ -129,6 +132,30 @@ pub async fn admit(gw: &Gateway, req: &mut dyn IncomingRequest) -> Result<Admiss
         };
         rules::quote(&catalog, &route, &inputs)?
     };
+    let mut ticket = None;
+    if let (Some(q), Some(key)) = (&quote, idempotency::presented(req.header())?) {
+        let fingerprint = idempotency::fingerprint(&method, &path.path, q);
+        let up = &gw.config.upstream;
+        let lease_ms =
+            i64::try_from(up.connect_timeout_ms + up.read_timeout_ms + 60_000).unwrap_or(i64::MAX);
+        match idempotency::check(
+            gw.ledger.as_ref(),
+            &principal.account.id,
+            &key,
+            fingerprint,
+            lease_ms,
+        )
+        .await?
+        {
+            Check::Run(t) => ticket = Some(t),
+            Check::Replay(reply) => {
+                return Ok(Admission::Reply {
+                    route: "idempotent replay",
+                    reply,
+                })
+            }
+        }
+    }
     let reservation = match quote {
         None => None,
         Some(q) => {
@@ -153,7 +180,17 @@ pub async fn admit(gw: &Gateway, req: &mut dyn IncomingRequest) -> Result<Admiss
                 &["reserve"],
                 started.elapsed().as_secs_f64(),
             );
-            Some(reserved?)
+            match reserved {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    if let Some(t) = &ticket {
+                        // Nothing was charged: the same request may be retried afresh.
+                        let _ = idempotency::release(gw.ledger.as_ref(), &principal.account.id, t)
+                            .await;
+                    }
+                    return Err(e);
+                }
+            }
         }
     };
     let upstream_path = match &path.query {
@@ -167,6 +204,7 @@ pub async fn admit(gw: &Gateway, req: &mut dyn IncomingRequest) -> Result<Admiss
         upstream_path,
         catalog: catalog.clone(),
         reservation,
+        idempotency: ticket,
     })))
 }
 

@@ -35,6 +35,7 @@ pub mod demo_backend;
 pub mod entitlement;
 pub mod error;
 pub mod headers;
+pub mod idempotency;
 pub mod incoming;
 pub mod ledger;
 pub mod limits;

@@ -16,6 +16,7 @@ use crate::admit::{admit, Admission, Forward};
 use crate::apikey::random_id;
 use crate::error::GatewayError;
 use crate::headers;
+use crate::idempotency;
 use crate::incoming::SessionRequest;
 use crate::metrics;
 use crate::money::{MicroUsd, MICROS_PER_CENT, MICROS_PER_USD};
@@ -40,6 +41,16 @@ pub struct RequestCtx {
     status: u16,
     error_code: Option<&'static str>,
     settlement: Option<Settlement>,
+    /// The response as the client got it, kept when an `Idempotency-Key` will replay it.
+    replay: Option<ReplayCapture>,
+}
+
+/// Status, billing headers and (bounded) body of a response to keep for idempotent replay.
+#[derive(Default)]
+struct ReplayCapture {
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    overflow: bool,
 }
 
 impl CreditGateProxy {
@@ -67,6 +78,29 @@ impl CreditGateProxy {
             .await
     }
 
+    /// Keeps a delivered response for replay, or releases the key of one that failed.
+    async fn finish_idempotency(&self, ctx: &mut RequestCtx) {
+        let Some(forward) = ctx.forward.as_ref() else {
+            return;
+        };
+        let Some(ticket) = forward.idempotency.as_ref() else {
+            return;
+        };
+        let ledger = self.gw.ledger.as_ref();
+        let account = forward.principal.account.id.as_str();
+        let result = match (self.outcome(ctx), ctx.replay.take()) {
+            (UpstreamOutcome::Succeeded { .. }, Some(capture)) => {
+                let body = (!capture.overflow).then_some(capture.body.as_slice());
+                idempotency::finish(ledger, account, ticket, ctx.status, capture.headers, body)
+                    .await
+            }
+            _ => idempotency::release(ledger, account, ticket).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(request_id = %ctx.request_id, error = %e, "idempotency record not written");
+        }
+    }
+
     fn outcome(&self, ctx: &RequestCtx) -> UpstreamOutcome {
         match ctx.upstream_status {
             Some(s) if (200..300).contains(&s) => UpstreamOutcome::Succeeded {
@@ -92,6 +126,7 @@ impl ProxyHttp for CreditGateProxy {
             status: 0,
             error_code: None,
             settlement: None,
+            replay: None,
         }
     }
 
@@ -207,7 +242,40 @@ impl ProxyHttp for CreditGateProxy {
                 )?;
             }
         }
+        if ctx
+            .forward
+            .as_ref()
+            .is_some_and(|f| f.idempotency.is_some())
+        {
+            let headers = response
+                .headers
+                .iter()
+                .filter(|(name, _)| idempotency::is_replayed_header(name.as_str()))
+                .filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_string())))
+                .collect();
+            ctx.replay = Some(ReplayCapture {
+                headers,
+                ..ReplayCapture::default()
+            });
+        }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        if let (Some(capture), Some(chunk)) = (ctx.replay.as_mut(), body.as_ref()) {
+            if capture.body.len() + chunk.len() <= idempotency::MAX_REPLAY_BODY {
+                capture.body.extend_from_slice(chunk);
+            } else {
+                capture.overflow = true;
+            }
+        }
+        Ok(None)
     }
 
     async fn fail_to_proxy(
@@ -286,6 +354,7 @@ impl ProxyHttp for CreditGateProxy {
                 Payment::Spend { .. } => format!("${}", MicroUsd(s.kept)),
             };
         }
+        self.finish_idempotency(ctx).await;
         let outcome = ctx.error_code.unwrap_or(if ctx.status < 400 {
             "ok"
         } else {

@@ -98,6 +98,7 @@ conformance!(
     free_signup_bucket_is_granted_once,
     update_account_overwrites,
     odd_account_ids_stay_separate,
+    idempotency_keys_are_claimed_once_per_account,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1277,4 +1278,68 @@ async fn redis_reservation_with_unknown_outcome_is_given_back() {
         .await
         .expect("hget");
     assert_eq!(refunded, Some(10));
+}
+
+async fn idempotency_keys_are_claimed_once_per_account(b: Backend) {
+    use creditgate::ledger::IdempotencyClaim;
+    let other = b.another_instance();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let ledger = if i % 2 == 0 {
+            b.ledger.clone()
+        } else {
+            other.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            ledger
+                .claim_idempotency_key("acct-idem", "k1", &format!("pending-{i}"), 60_000)
+                .await
+                .expect("claim")
+        }));
+    }
+    let mut claimed = 0;
+    let mut seen = Vec::new();
+    for t in tasks {
+        match t.await.expect("task") {
+            IdempotencyClaim::Claimed => claimed += 1,
+            IdempotencyClaim::Existing(record) => seen.push(record),
+        }
+    }
+    assert_eq!(claimed, 1, "exactly one claim wins");
+    assert_eq!(seen.len(), 19);
+    assert!(
+        seen.iter().all(|r| r == &seen[0]),
+        "all see the winner's record"
+    );
+    // Per account.
+    assert_eq!(
+        b.ledger
+            .claim_idempotency_key("acct-idem-2", "k1", "x", 60_000)
+            .await
+            .expect("claim"),
+        IdempotencyClaim::Claimed
+    );
+    // Finished records replace the pending one; released keys can be claimed again.
+    b.ledger
+        .store_idempotency_record("acct-idem", "k1", "done", 60_000)
+        .await
+        .expect("store");
+    assert_eq!(
+        b.ledger
+            .claim_idempotency_key("acct-idem", "k1", "again", 60_000)
+            .await
+            .expect("claim"),
+        IdempotencyClaim::Existing("done".into())
+    );
+    b.ledger
+        .release_idempotency_key("acct-idem", "k1")
+        .await
+        .expect("release");
+    assert_eq!(
+        b.ledger
+            .claim_idempotency_key("acct-idem", "k1", "again", 60_000)
+            .await
+            .expect("claim"),
+        IdempotencyClaim::Claimed
+    );
 }

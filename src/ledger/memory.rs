@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    Account, CreditBucket, CreditReservation, CreditReserveOutcome, KeyRecord, Ledger,
-    SettleOutcome, SpendReservation, SpendReserveOutcome, StoreResult, StripeEventClaim,
+    Account, CreditBucket, CreditReservation, CreditReserveOutcome, IdempotencyClaim, KeyRecord,
+    Ledger, SettleOutcome, SpendReservation, SpendReserveOutcome, StoreResult, StripeEventClaim,
     StripeReport,
 };
 
@@ -54,6 +54,8 @@ struct State {
     customers: HashMap<String, String>,
     /// Stripe webhook event id → (applied, forget at).
     stripe_events: HashMap<String, (bool, Instant)>,
+    /// (account, key hash) → (record, forget at).
+    idempotency: HashMap<(String, String), (String, Instant)>,
 }
 
 struct Held {
@@ -400,6 +402,49 @@ impl Ledger for MemoryLedger {
         self.lock()
             .stripe_events
             .insert(event_id.to_string(), (true, expiry(keep_ms)));
+        Ok(())
+    }
+
+    async fn claim_idempotency_key(
+        &self,
+        account_id: &str,
+        key_hash: &str,
+        record: &str,
+        lease_ms: i64,
+    ) -> StoreResult<IdempotencyClaim> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        state.idempotency.retain(|_, (_, until)| *until > now);
+        let id = (account_id.to_string(), key_hash.to_string());
+        Ok(match state.idempotency.get(&id) {
+            Some((existing, _)) => IdempotencyClaim::Existing(existing.clone()),
+            None => {
+                state
+                    .idempotency
+                    .insert(id, (record.to_string(), expiry(lease_ms)));
+                IdempotencyClaim::Claimed
+            }
+        })
+    }
+
+    async fn store_idempotency_record(
+        &self,
+        account_id: &str,
+        key_hash: &str,
+        record: &str,
+        keep_ms: i64,
+    ) -> StoreResult<()> {
+        self.lock().idempotency.insert(
+            (account_id.to_string(), key_hash.to_string()),
+            (record.to_string(), expiry(keep_ms)),
+        );
+        Ok(())
+    }
+
+    async fn release_idempotency_key(&self, account_id: &str, key_hash: &str) -> StoreResult<()> {
+        self.lock()
+            .idempotency
+            .remove(&(account_id.to_string(), key_hash.to_string()));
         Ok(())
     }
 }

@@ -184,6 +184,15 @@ pub enum StripeEventClaim {
     Applied,
 }
 
+/// Where an `Idempotency-Key` stands ([`Ledger::claim_idempotency_key`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyClaim {
+    /// New: the caller runs the request; the key holds the caller's record for the lease.
+    Claimed,
+    /// Seen before: the stored record (opaque text written by the caller).
+    Existing(String),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SettleOutcome {
     /// This call settled the reservation (and refunded `refund` if non-zero).
@@ -269,4 +278,26 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Marks a claimed event applied; it is remembered for `keep_ms`.
     async fn finish_stripe_event(&self, event_id: &str, keep_ms: i64) -> StoreResult<()>;
+
+    /// Claims an idempotency key of the account with `record` for `lease_ms`, or returns what
+    /// is stored under it. One atomic step: two concurrent claims never both succeed.
+    async fn claim_idempotency_key(
+        &self,
+        account_id: &str,
+        key_hash: &str,
+        record: &str,
+        lease_ms: i64,
+    ) -> StoreResult<IdempotencyClaim>;
+
+    /// Replaces the key's record (the finished outcome), kept for `keep_ms`.
+    async fn store_idempotency_record(
+        &self,
+        account_id: &str,
+        key_hash: &str,
+        record: &str,
+        keep_ms: i64,
+    ) -> StoreResult<()>;
+
+    /// Forgets the key, so the same request may run again.
+    async fn release_idempotency_key(&self, account_id: &str, key_hash: &str) -> StoreResult<()>;
 }

@@ -75,8 +75,8 @@ use tokio::sync::{OnceCell, Semaphore};
 
 use super::schema::{self, account_field as af, outbox_field as of, rsv_field as rf};
 use super::{
-    Account, CreditBucket, CreditReservation, CreditReserveOutcome, KeyRecord, Ledger,
-    SettleOutcome, SpendReservation, SpendReserveOutcome, StoreError, StoreResult,
+    Account, CreditBucket, CreditReservation, CreditReserveOutcome, IdempotencyClaim, KeyRecord,
+    Ledger, SettleOutcome, SpendReservation, SpendReserveOutcome, StoreError, StoreResult,
     StripeEventClaim, SubscriptionStatus,
 };
 use crate::clock::{Clock, SystemClock};
@@ -947,6 +947,61 @@ impl Ledger for RedisLedger {
                     .arg("PX")
                     .arg(keep_ms.max(1)),
             )
+            .await?;
+        Ok(())
+    }
+
+    async fn claim_idempotency_key(
+        &self,
+        account_id: &str,
+        key_hash: &str,
+        record: &str,
+        lease_ms: i64,
+    ) -> StoreResult<IdempotencyClaim> {
+        let link = self.link().await?;
+        let key = schema::idempotency(account_id, key_hash);
+        let mut p = redis::pipe();
+        p.atomic();
+        p.cmd("SET")
+            .arg(&key)
+            .arg(record)
+            .arg("NX")
+            .arg("PX")
+            .arg(lease_ms.max(1));
+        p.cmd("GET").arg(&key);
+        let (claimed, stored): (Option<String>, Option<String>) = link.pipe(&p).await?;
+        Ok(match (claimed, stored) {
+            (Some(_), _) => IdempotencyClaim::Claimed,
+            (None, Some(existing)) => IdempotencyClaim::Existing(existing),
+            // Expired between the two commands of one transaction cannot happen; be safe.
+            (None, None) => IdempotencyClaim::Claimed,
+        })
+    }
+
+    async fn store_idempotency_record(
+        &self,
+        account_id: &str,
+        key_hash: &str,
+        record: &str,
+        keep_ms: i64,
+    ) -> StoreResult<()> {
+        let link = self.link().await?;
+        let () = link
+            .cmd(
+                redis::cmd("SET")
+                    .arg(schema::idempotency(account_id, key_hash))
+                    .arg(record)
+                    .arg("PX")
+                    .arg(keep_ms.max(1)),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn release_idempotency_key(&self, account_id: &str, key_hash: &str) -> StoreResult<()> {
+        let link = self.link().await?;
+        let _: i64 = link
+            .cmd(redis::cmd("DEL").arg(schema::idempotency(account_id, key_hash)))
             .await?;
         Ok(())
     }

@@ -17,6 +17,7 @@
 //! | `cg:outbox` | stream | pay-per-use charges to report to Stripe ([`outbox_field`]) |
 //! | `cg:outbox:dead` | stream | outbox entries Stripe refused for good, with the error |
 //! | `cg:customer:<stripe customer id>` | string | the account id with that Stripe customer (checked against the account on read) |
+//! | `cg:{a:<id>}:idem:<sha256 of key>` | string | an `Idempotency-Key`: the request's fingerprint and, once done, its outcome |
 //! | `cg:stripe:evt:<event id>` | string | a Stripe webhook event: `pending` (lease) or `done` |
 //!
 //! Account ids are validated by the admin API, but a `{`, `}` or `%` in one is still escaped
@@ -97,6 +98,11 @@ pub fn key_id(key_id: &str) -> String {
 /// `cg:customer:<stripe customer id>`
 pub fn stripe_customer(customer_id: &str) -> String {
     format!("cg:customer:{customer_id}")
+}
+
+/// `cg:{a:<account>}:idem:<sha256 of the Idempotency-Key>`
+pub fn idempotency(account_id: &str, key_hash: &str) -> String {
+    format!("{}:idem:{key_hash}", tag(account_id))
 }
 
 /// `cg:stripe:evt:<event id>`
