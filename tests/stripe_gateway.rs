@@ -146,7 +146,10 @@ async fn a_stripe_outage_with_every_gateway_restarted_loses_nothing() {
     }
     let start = Instant::now();
     while stripe.attempts().is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(10), "the worker never tried");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the worker never tried"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(stripe.accepted().is_empty());
