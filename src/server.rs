@@ -73,6 +73,18 @@ pub fn build_gateway(config: Config, clock: SharedClock) -> Result<Arc<Gateway>,
 /// Builds and runs the server until SIGTERM/SIGINT.
 pub fn serve(config: Config) -> Result<(), StartError> {
     let gw = build_gateway(config, Arc::new(SystemClock))?;
+    let admin_on_loopback = gw
+        .config
+        .server
+        .admin_listen
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback());
+    if !admin_on_loopback {
+        tracing::warn!(
+            listen = %gw.config.server.admin_listen,
+            "the admin API listens beyond loopback: restrict it (firewall, NetworkPolicy)"
+        );
+    }
     if gw.admin_token.is_none() {
         tracing::warn!(
             env = %gw.config.admin.token_env,
