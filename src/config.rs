@@ -329,7 +329,13 @@ impl Config {
             {
                 p.push((
                     "store.url".into(),
-                    format!("`{url}` must start with redis://, rediss:// or redis+unix://"),
+                    format!("`{url}` must start with redis:// or redis+unix://"),
+                ));
+            }
+            if url.starts_with("rediss://") {
+                p.push((
+                    "store.url".into(),
+                    "rediss:// (TLS to Redis) is not built in; use a local TLS tunnel (stunnel, a sidecar) and redis://".into(),
                 ));
             }
         }
