@@ -1,0 +1,366 @@
+#!/usr/bin/env bash
+# Load benchmark: creditgate against a bare Pingora passthrough (examples/bare_proxy.rs) on the
+# same machine, same Pingora version, same thread count, same fast local upstream
+# (examples/demo_backend.rs), driven by wrk with the same connections, threads and duration.
+#
+#   bash scripts/load.sh
+#
+# One run builds the release binaries, starts its own redis-server (unix socket, appendonly yes,
+# no RDB), the upstream(s), the bare proxy and creditgate (config and rules in a temp dir; the
+# plans' requests_per_minute raised so rate limits do not interfere), creates accounts and keys
+# through the admin API, and prints:
+#
+#   1. throughput: requests/s, p50, p99, proxy CPU seconds per 1000 requests (utime+stime from
+#      /proc/<pid>/stat), Redis CPU per 1000 requests, and the ratios to the bare passthrough;
+#      rejected requests (402, 401) must leave the upstream's request count unchanged;
+#   2. memory per in-flight request: RSS before and during INFLIGHT concurrent connections held
+#      open by a slow upstream (SLOW_MS per response), bare and creditgate;
+#   3. a streamed upload (UPLOAD_MB, application/octet-stream) through both, with peak RSS.
+#
+# Everything it starts is stopped and its temp dir removed on exit (also on Ctrl-C).
+# Knobs (environment): THREADS=2 CONNS=32 WRK_THREADS=1 DURATION=10 WARMUP=2 INFLIGHT=2000
+# SLOW_MS=5000 UPLOAD_MB=50.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+THREADS=${THREADS:-2}
+CONNS=${CONNS:-32}
+WRK_THREADS=${WRK_THREADS:-1}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+INFLIGHT=${INFLIGHT:-2000}
+SLOW_MS=${SLOW_MS:-5000}
+UPLOAD_MB=${UPLOAD_MB:-50}
+LUA=$PWD/scripts/load_wrk.lua
+
+cargo build --release --bin creditgate --example bare_proxy --example demo_backend
+BIN=${CARGO_TARGET_DIR:-target}/release
+[ -x "$BIN/creditgate" ] || { echo "load: $BIN/creditgate not found" >&2; exit 1; }
+
+# Thousands of sockets per process for the in-flight test.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+work=$(mktemp -d /tmp/creditgate-load.XXXXXX)
+pids=()
+cleanup() {
+  local p
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------------------------------- helpers
+used_ports=" "
+free_port() {
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 10000))
+    case "$used_ports" in *" $p "*) continue ;; esac
+    if ! ss -Htln "sport = :$p" | grep -q .; then
+      used_ports="$used_ports$p "
+      echo "$p"
+      return
+    fi
+  done
+}
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() {
+  local i
+  for i in $(seq 1 200); do port_open "$1" && return 0; sleep 0.05; done
+  echo "load: nothing listens on port $1; logs in $work:" >&2
+  tail -n 20 "$work"/*.log >&2 || true
+  exit 1
+}
+# utime+stime of a process (all threads), in clock ticks.
+cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+rss_kib() { awk '/^VmRSS/{print $2}' "/proc/$1/status"; }
+hwm_kib() { awk '/^VmHWM/{print $2}' "/proc/$1/status"; }
+TICKS=$(getconf CLK_TCK)
+
+# The demo backend numbers its answers `job_<n>` with n = requests seen so far (this one
+# included): the upstream's request count, read without touching the gateway.
+upstream_seen() {
+  curl -fsS "http://127.0.0.1:$1/count" | sed -n 's/.*"id":"job_\([0-9]*\)".*/\1/p'
+}
+
+start_backend() { # name port [delay ms]
+  "$BIN/examples/demo_backend" "127.0.0.1:$2" "${3:-0}" >"$work/$1.log" 2>&1 &
+  pids+=($!)
+  wait_port "$2"
+}
+
+start_bare() { # name port upstream-port; sets LAST_PID
+  "$BIN/examples/bare_proxy" "127.0.0.1:$2" "127.0.0.1:$3" "$THREADS" >"$work/$1.log" 2>&1 &
+  LAST_PID=$!
+  pids+=("$LAST_PID")
+  wait_port "$2"
+}
+
+start_gateway() { # name port admin-port metrics-port upstream-port; sets LAST_PID
+  cat >"$work/$1.toml" <<TOML
+[server]
+listen = "127.0.0.1:$2"
+admin_listen = "127.0.0.1:$3"
+metrics_listen = "127.0.0.1:$4"
+threads = $THREADS
+shutdown_grace_s = 0
+[upstream]
+address = "127.0.0.1:$5"
+[store]
+url = "redis+unix://$work/redis.sock"
+[rules]
+dir = "$work/rules"
+watch = false
+TOML
+  RUST_LOG=warn "$BIN/creditgate" serve --config "$work/$1.toml" >"$work/$1.log" 2>&1 &
+  LAST_PID=$!
+  pids+=("$LAST_PID")
+  local i
+  for i in $(seq 1 200); do
+    curl -fsS "http://127.0.0.1:$3/readyz" >/dev/null 2>&1 && return 0
+    sleep 0.05
+  done
+  echo "load: creditgate $1 did not become ready:" >&2
+  cat "$work/$1.log" >&2
+  exit 1
+}
+
+# ------------------------------------------------------------------------------------------ setup
+export CREDITGATE_ADMIN_TOKEN="load-admin-$RANDOM$RANDOM"
+
+redis-server --port 0 --unixsocket "$work/redis.sock" --unixsocketperm 700 \
+  --save "" --appendonly yes --appendfsync everysec --maxmemory-policy noeviction \
+  --dir "$work" --daemonize no >"$work/redis.log" 2>&1 &
+REDIS_PID=$!
+pids+=("$REDIS_PID")
+for _ in $(seq 1 200); do [ -S "$work/redis.sock" ] && break; sleep 0.05; done
+[ -S "$work/redis.sock" ] || { cat "$work/redis.log" >&2; exit 1; }
+
+# The shipped rules with every plan's rate limit raised out of the way.
+cp -r lua-free-rules "$work/rules"
+sed -i -E 's/^(requests_per_minute[[:space:]]*=[[:space:]]*)[1-9][0-9]*/\1100000000/' "$work/rules/plans.toml"
+
+BACKEND=$(free_port)
+SLOW=$(free_port)
+BARE=$(free_port)
+BARE_SLOW=$(free_port)
+CG=$(free_port) CG_ADMIN=$(free_port) CG_METRICS=$(free_port)
+CGS=$(free_port) CGS_ADMIN=$(free_port) CGS_METRICS=$(free_port)
+
+start_backend backend "$BACKEND"
+start_bare bare "$BARE" "$BACKEND"
+BARE_PID=$LAST_PID
+start_gateway creditgate "$CG" "$CG_ADMIN" "$CG_METRICS" "$BACKEND"
+CG_PID=$LAST_PID
+
+admin() { # method path [json]
+  curl -fsS -X "$1" -H "Authorization: Bearer $CREDITGATE_ADMIN_TOKEN" \
+    -H "Content-Type: application/json" "http://127.0.0.1:$CG_ADMIN$2" ${3:+-d "$3"}
+}
+new_key() { admin POST "/admin/accounts/$1/keys" '{"name":"load"}' | sed -n 's/.*"key":"\([^"]*\)".*/\1/p'; }
+
+admin POST /admin/accounts '{"id":"load-credits","plan":"business","payPerUse":false}' >/dev/null
+admin POST /admin/accounts/load-credits/credits '{"amount":100000000,"reason":"load test"}' >/dev/null
+admin POST /admin/accounts '{"id":"load-ppu","plan":"pay_per_use","payPerUse":true,"spendingLimitCents":100000000}' >/dev/null
+admin POST /admin/accounts '{"id":"load-broke","plan":"pay_per_use","payPerUse":false}' >/dev/null
+KEY_CREDITS=$(new_key load-credits)
+KEY_PPU=$(new_key load-ppu)
+KEY_BROKE=$(new_key load-broke)
+KEY_BAD=at_live_UnknownKeyForTheLoadBenchmark0123456789  # well-formed, never issued
+for k in "$KEY_CREDITS" "$KEY_PPU" "$KEY_BROKE"; do
+  [ -n "$k" ] || { echo "load: could not create API keys" >&2; exit 1; }
+done
+
+BODY_CREDITS='{"model":"nano-banana-pro","n":1,"prompt":"a product photo on a marble table, soft window light"}'
+BODY_PPU='{"model":"midjourney-v7","n":1,"prompt":"a product photo on a marble table, soft window light"}'
+RELIGHT=/api/v1/images/relight
+JSON=application/json
+
+echo
+echo "load: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), $(uname -sr)"
+echo "load: wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s (after a ${WARMUP}s warm-up); proxies with $THREADS threads"
+
+# ----------------------------------------------------------------------------- 3. streamed upload
+# First, while both proxies are fresh: VmHWM (peak RSS over the process's life) is then the upload's.
+head -c $((UPLOAD_MB * 1024 * 1024)) /dev/urandom >"$work/upload.bin"
+upload() { # name port pid key
+  local name=$1 port=$2 pid=$3 key=$4 before seen code peak sampled
+  curl -sS -o /dev/null -X POST -H "Content-Type: $JSON" -H "Authorization: Bearer $key" \
+    --data-binary "$BODY_CREDITS" "http://127.0.0.1:$port$RELIGHT" # warm-up
+  before=$(rss_kib "$pid")
+  seen=$(upstream_seen "$BACKEND")
+  curl -sS -o /dev/null -w '%{http_code} %{time_total}\n' -X POST \
+    -H 'Content-Type: application/octet-stream' -H 'X-Model: nano-banana-pro' -H 'Expect:' \
+    -H "Authorization: Bearer $key" --data-binary "@$work/upload.bin" \
+    "http://127.0.0.1:$port$RELIGHT" >"$work/upload.$name" &
+  local curl_pid=$! max=0 r
+  while kill -0 "$curl_pid" 2>/dev/null; do
+    r=$(rss_kib "$pid")
+    [ "$r" -gt "$max" ] && max=$r
+    sleep 0.01
+  done
+  wait "$curl_pid"
+  peak=$(hwm_kib "$pid")
+  read -r code sampled <"$work/upload.$name"
+  local recorded
+  recorded=$(($(upstream_seen "$BACKEND") - seen - 1))
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$code" "$sampled" "$before" "$max" "$peak" "$recorded" \
+    >>"$work/upload.tsv"
+}
+: >"$work/upload.tsv"
+upload "bare passthrough" "$BARE" "$BARE_PID" "$KEY_CREDITS"
+upload "creditgate (credits)" "$CG" "$CG_PID" "$KEY_CREDITS"
+
+# ---------------------------------------------------------------------------------- 1. throughput
+: >"$work/results.tsv"
+run_case() { # label port pid method path key body expect
+  local label=$1 port=$2 pid=$3 method=$4 path=$5 key=$6 body=$7 expect=$8
+  local url="http://127.0.0.1:$port$path" code
+  local req=(-X "$method")
+  [ -n "$key" ] && req+=(-H "Authorization: Bearer $key")
+  [ -n "$body" ] && req+=(-H "Content-Type: $JSON" --data-binary "$body")
+  code=$(curl -sS -o "$work/precheck.out" -w '%{http_code}' "${req[@]}" "$url")
+  if [ "$code" != "$expect" ]; then
+    echo "load: $label: expected HTTP $expect, got $code:" >&2
+    cat "$work/precheck.out" >&2
+    exit 1
+  fi
+  local envs=(LOAD_METHOD="$method" LOAD_BODY="$body" LOAD_KEY="$key" LOAD_CTYPE="${body:+$JSON}")
+  env "${envs[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${WARMUP}s" -s "$LUA" "$url" >/dev/null
+  local up0 cpu0 rcpu0 up1 cpu1 rcpu1 out
+  up0=$(upstream_seen "$BACKEND")
+  cpu0=$(cpu_ticks "$pid")
+  rcpu0=$(cpu_ticks "$REDIS_PID")
+  out=$(env "${envs[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" -s "$LUA" "$url")
+  cpu1=$(cpu_ticks "$pid")
+  rcpu1=$(cpu_ticks "$REDIS_PID")
+  sleep 0.2
+  up1=$(upstream_seen "$BACKEND")
+  local line
+  line=$(grep '^LOAD ' <<<"$out") || { echo "$out" >&2; exit 1; }
+  # label requests duration_us p50 p99 non2xx sockerr proxy_ticks redis_ticks upstream
+  awk -v label="$label" -v pt=$((cpu1 - cpu0)) -v rt=$((rcpu1 - rcpu0)) -v up=$((up1 - up0 - 1)) '
+    { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+      printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", label, v["requests"], v["duration_us"],
+        v["p50_us"], v["p99_us"], v["non2xx"], v["socket_errors"], pt, rt, up }' \
+    <<<"$line" >>"$work/results.tsv"
+  echo "load: done: $label" >&2
+}
+
+run_case "(a) bare passthrough: POST $RELIGHT" "$BARE" "$BARE_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200
+run_case "(b) creditgate: credits, nano-banana-pro" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200
+run_case "(c) creditgate: pay-per-use, midjourney-v7" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_PPU" "$BODY_PPU" 200
+run_case "(d) creditgate: GET /api/credits/balance" "$CG" "$CG_PID" GET /api/credits/balance "$KEY_CREDITS" "" 200
+run_case "(e) creditgate: 402 no credits, no pay-per-use" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_BROKE" "$BODY_CREDITS" 402
+run_case "(e) creditgate: 401 unknown key" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_BAD" "$BODY_CREDITS" 401
+
+# ------------------------------------------------------------------------ 2. memory per in-flight
+start_backend slow "$SLOW" "$SLOW_MS"
+: >"$work/inflight.tsv"
+inflight() { # name port pid key log-name
+  local name=$1 port=$2 pid=$3 key=$4
+  # The first wave of INFLIGHT requests is held for SLOW_MS; wrk stops after it has
+  # been answered (two seconds after). Only samples taken while the first wave is still held count.
+  local secs=$(((SLOW_MS + 999) / 1000 + 2)) before max_rss=0 max_up=0 max_down=0 r u d
+  local start_ms now_ms
+  before=$(rss_kib "$pid")
+  start_ms=$(date +%s%3N)
+  LOAD_METHOD=POST LOAD_BODY="$BODY_CREDITS" LOAD_KEY="$key" LOAD_CTYPE=$JSON \
+    wrk -t1 -c"$INFLIGHT" -d"${secs}s" --timeout 30s -s "$LUA" \
+    "http://127.0.0.1:$port$RELIGHT" >"$work/inflight.$name.out" 2>&1 &
+  local wrk_pid=$!
+  while kill -0 "$wrk_pid" 2>/dev/null; do
+    now_ms=$(date +%s%3N)
+    if [ $((now_ms - start_ms)) -lt $((SLOW_MS - 250)) ]; then
+      r=$(rss_kib "$pid")
+      u=$(ss -Htn state established "( dport = :$SLOW )" | wc -l)
+      d=$(ss -Htn state established "( sport = :$port )" | wc -l)
+      [ "$r" -gt "$max_rss" ] && max_rss=$r
+      [ "$u" -gt "$max_up" ] && max_up=$u
+      [ "$d" -gt "$max_down" ] && max_down=$d
+    fi
+    sleep 0.25
+  done
+  wait "$wrk_pid" || true
+  local line
+  line=$(grep '^LOAD ' "$work/inflight.$name.out") || { cat "$work/inflight.$name.out" >&2; exit 1; }
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$before" "$max_rss" "$max_up" "$max_down" "$line" \
+    >>"$work/inflight.tsv"
+  case "$line" in
+    *"non2xx=0 socket_errors=0"*) ;;
+    *)
+      echo "load: errors with $INFLIGHT in flight through $name; wrk said:" >&2
+      cat "$work/inflight.$name.out" >&2
+      echo "load: and the proxy's log ends with:" >&2
+      tail -n 5 "$work/$5.log" >&2
+      ;;
+  esac
+  echo "load: done: $INFLIGHT in flight through $name" >&2
+}
+
+start_bare bare-slow "$BARE_SLOW" "$SLOW"
+BS_PID=$LAST_PID
+inflight "bare passthrough" "$BARE_SLOW" "$BS_PID" "$KEY_CREDITS" bare-slow
+kill "$BS_PID" 2>/dev/null || true
+wait "$BS_PID" 2>/dev/null || true
+
+start_gateway creditgate-slow "$CGS" "$CGS_ADMIN" "$CGS_METRICS" "$SLOW"
+CGS_PID=$LAST_PID
+# Warm the key cache and the Redis connection without waiting for the slow upstream.
+curl -fsS -o /dev/null -H "Authorization: Bearer $KEY_CREDITS" "http://127.0.0.1:$CGS/api/credits/balance"
+inflight "creditgate (credits)" "$CGS" "$CGS_PID" "$KEY_CREDITS" creditgate-slow
+
+# ------------------------------------------------------------------------------------- the report
+echo
+echo "Throughput (wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s, $THREADS proxy threads, $(nproc) CPUs shared by wrk, proxy, upstream and Redis)"
+echo
+awk -F'\t' -v ticks="$TICKS" '
+  function ms(us) { return sprintf("%.2f ms", us / 1000) }
+  {
+    rps = $2 / ($3 / 1e6)
+    cpu = ($2 > 0) ? ($8 / ticks) / $2 * 1000 : 0
+    rcpu = ($2 > 0) ? ($9 / ticks) / $2 * 1000 : 0
+    if (NR == 1) { base_rps = rps; base_cpu = cpu }
+    rows[NR] = sprintf("| %s | %.0f | %s | %s | %.4f | %.4f | %.2f | %.2f | %d | %d | %d | %d |",
+      $1, rps, ms($4), ms($5), cpu, rcpu, rps / base_rps, (base_cpu > 0 ? cpu / base_cpu : 0),
+      $2, $6, $7, $10)
+  }
+  END {
+    print "| case | req/s | p50 | p99 | proxy CPU s / 1k req | Redis CPU s / 1k req | req/s vs bare | CPU vs bare | requests | non-2xx | socket errors | upstream requests |"
+    print "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for (i = 1; i <= NR; i++) print rows[i]
+  }' "$work/results.tsv"
+
+echo
+echo "Memory per in-flight request ($INFLIGHT connections, upstream answers after ${SLOW_MS} ms)"
+echo
+awk -F'\t' '
+  {
+    split($6, f, " "); for (i in f) { split(f[i], kv, "="); v[kv[1]] = kv[2] }
+    per = ($4 > 0) ? ($3 - $2) / $4 : 0
+    printf "| %s | %d | %d | %d | %d | %.1f | %d | %.2f s | %d | %d |\n", $1, $2, $3, $5, $4, per,
+      v["requests"], v["p50_us"] / 1e6, v["non2xx"], v["socket_errors"]
+  }
+  BEGIN {
+    print "| proxy | RSS before (KiB) | peak RSS in flight (KiB) | client conns open | upstream conns in flight | KiB per in-flight request | answered | p50 | non-2xx | socket errors |"
+    print "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  }' "$work/inflight.tsv"
+
+echo
+echo "Streamed upload (${UPLOAD_MB} MiB, application/octet-stream, model from X-Model)"
+echo
+awk -F'\t' '
+  BEGIN {
+    print "| proxy | status | time | RSS before (KiB) | peak RSS sampled (KiB) | VmHWM (KiB) | upstream requests |"
+    print "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+  }
+  { printf "| %s | %s | %.2f s | %d | %d | %d | %d |\n", $1, $2, $3, $4, $5, $6, $7 }' "$work/upload.tsv"
+echo
+
+# Rejected requests must never reach the upstream.
+leaked=$(awk -F'\t' '$1 ~ /^\(e\)/ { n += $10 } END { print n + 0 }' "$work/results.tsv")
+echo "load: rejected requests (402, 401) that reached the upstream: $leaked"
+[ "$leaked" -eq 0 ] || { echo "load: FAILED: rejected requests were proxied" >&2; exit 1; }
