@@ -12,12 +12,21 @@ use crate::admit::Forward;
 pub const IMAGES_GENERATED: &str = "x-images-generated";
 
 fn is_gateway_owned(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    matches!(
-        n.as_str(),
-        "authorization" | "x-api-key" | "x-account-id" | "x-plan" | "x-request-id"
-    ) || n.starts_with("x-billing-")
-        || n.starts_with("x-creditgate-")
+    let has_prefix = |prefix: &str| {
+        name.get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+    };
+    [
+        "authorization",
+        "x-api-key",
+        "x-account-id",
+        "x-plan",
+        "x-request-id",
+    ]
+    .iter()
+    .any(|owned| name.eq_ignore_ascii_case(owned))
+        || has_prefix("x-billing-")
+        || has_prefix("x-creditgate-")
 }
 
 pub fn prepare_upstream_request(
@@ -35,10 +44,16 @@ pub fn prepare_upstream_request(
     for name in doomed {
         upstream.remove_header(&name);
     }
-    let uri = forward.upstream_path.parse::<http::Uri>().map_err(|e| {
-        pingora::Error::because(pingora::ErrorType::InternalError, "canonical uri", e)
-    })?;
-    upstream.set_uri(uri);
+    let already_canonical = upstream
+        .uri
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str() == forward.upstream_path);
+    if !already_canonical {
+        let uri = forward.upstream_path.parse::<http::Uri>().map_err(|e| {
+            pingora::Error::because(pingora::ErrorType::InternalError, "canonical uri", e)
+        })?;
+        upstream.set_uri(uri);
+    }
     upstream.insert_header("X-Account-Id", forward.principal.account.id.as_str())?;
     upstream.insert_header("X-Plan", forward.principal.account.plan.as_str())?;
     upstream.insert_header("X-Request-Id", request_id)?;

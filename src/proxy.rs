@@ -66,7 +66,7 @@ impl CreditGateProxy {
     ) -> Result<()> {
         ctx.status = reply.status;
         let header = reply.response_header(&ctx.request_id)?;
-        if !session.as_mut().is_body_done() {
+        if !session.as_mut().is_body_done() && !drain_small_body(session).await {
             // The client's body was not read; do not try to reuse the connection.
             session.set_keepalive(None);
         }
@@ -332,21 +332,18 @@ impl ProxyHttp for CreditGateProxy {
         }
         if let Some(reservation) = ctx.forward.as_ref().and_then(|f| f.reservation.as_ref()) {
             let s = settle::decide(reservation, self.outcome(ctx));
-            let started = Instant::now();
-            let settled = settle::settle(self.gw.ledger.as_ref(), reservation, s).await;
-            metrics::observe(
-                &metrics::STORE_LATENCY,
-                &["settle"],
-                started.elapsed().as_secs_f64(),
-            );
-            if let Err(err) = settled {
-                metrics::inc(&metrics::SETTLEMENT_FAILURES, &["store"], 1);
-                tracing::error!(
-                    request_id = %ctx.request_id,
-                    reservation = %reservation.id,
-                    error = %err,
-                    "settlement failed; the reservation stands as a charge"
-                );
+            if s.refunded == 0 && matches!(reservation.payment, Payment::Spend { .. }) {
+                // Nothing to give back: only the "settled" mark for the Stripe reporter remains,
+                // and it must not hold the client's keep-alive connection. Lost in a crash, the
+                // mark is replaced by the reporter's lease. (A kept credit charge needs no call.)
+                let ledger = self.gw.ledger.clone();
+                let held = reservation.clone();
+                let request_id = ctx.request_id.clone();
+                tokio::spawn(async move {
+                    apply_settlement(ledger.as_ref(), &held, s, &request_id).await;
+                });
+            } else {
+                apply_settlement(self.gw.ledger.as_ref(), reservation, s, &ctx.request_id).await;
             }
             record_charge(reservation, s);
             charge = match reservation.payment {
@@ -381,6 +378,61 @@ impl ProxyHttp for CreditGateProxy {
             error = e.map(|e| e.to_string()).unwrap_or_default(),
             latency_us = ctx.started.elapsed().as_micros() as u64,
             "request"
+        );
+    }
+}
+
+/// Largest unread request body read and dropped so a refused client keeps its connection.
+const DRAIN_LIMIT: usize = 64 * 1024;
+
+/// Reads and drops a small declared-length body (bounded in size and time); `false` when the
+/// body is too large, chunked, slow or broken — then the connection is not reused.
+async fn drain_small_body(session: &mut Session) -> bool {
+    let declared = session
+        .req_header()
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_none_or(|len| len > DRAIN_LIMIT) {
+        return false;
+    }
+    let drain = async {
+        let mut read = 0usize;
+        while let Ok(Some(chunk)) = session.read_request_body().await {
+            read += chunk.len();
+            if read > DRAIN_LIMIT {
+                return false;
+            }
+        }
+        session.as_mut().is_body_done()
+    };
+    tokio::time::timeout(std::time::Duration::from_millis(500), drain)
+        .await
+        .unwrap_or(false)
+}
+
+/// Writes a settlement (timed; failures logged and counted: the reservation then stands).
+async fn apply_settlement(
+    ledger: &dyn crate::ledger::Ledger,
+    reservation: &Reservation,
+    s: Settlement,
+    request_id: &str,
+) {
+    let started = Instant::now();
+    let settled = settle::settle(ledger, reservation, s).await;
+    metrics::observe(
+        &metrics::STORE_LATENCY,
+        &["settle"],
+        started.elapsed().as_secs_f64(),
+    );
+    if let Err(err) = settled {
+        metrics::inc(&metrics::SETTLEMENT_FAILURES, &["store"], 1);
+        tracing::error!(
+            request_id = %request_id,
+            reservation = %reservation.id,
+            error = %err,
+            "settlement failed; the reservation stands as a charge"
         );
     }
 }
