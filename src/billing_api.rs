@@ -99,9 +99,7 @@ pub async fn answer(
         )),
         BillingEndpoint::SetSpendingLimit => {
             let limit = parse_limit_cents(body.as_deref().unwrap_or_default())?;
-            let mut updated = account;
-            updated.spending_limit_cents = limit;
-            gw.ledger.update_account(&updated).await?;
+            gw.ledger.set_spending_limit(&account.id, limit).await?;
             gw.keys.clear();
             Ok(JsonReply::ok(
                 200,

@@ -99,6 +99,7 @@ conformance!(
     update_account_overwrites,
     odd_account_ids_stay_separate,
     idempotency_keys_are_claimed_once_per_account,
+    spending_limit_changes_only_the_limit,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1342,4 +1343,20 @@ async fn idempotency_keys_are_claimed_once_per_account(b: Backend) {
             .expect("claim"),
         IdempotencyClaim::Claimed
     );
+}
+
+async fn spending_limit_changes_only_the_limit(b: Backend) {
+    let a = account("acct-limit", "starter");
+    assert!(b.ledger.create_account(&a, None).await.expect("create"));
+    // Another writer changes the plan; the limit change must not undo it.
+    let mut upgraded = a.clone();
+    upgraded.plan = "business".to_string();
+    b.ledger.update_account(&upgraded).await.expect("update");
+    b.ledger
+        .set_spending_limit("acct-limit", 777)
+        .await
+        .expect("limit");
+    let stored = b.ledger.get_account("acct-limit").await.expect("get");
+    upgraded.spending_limit_cents = 777;
+    assert_eq!(stored, Some(upgraded));
 }

@@ -161,6 +161,13 @@ impl Ledger for MemoryLedger {
         Ok(())
     }
 
+    async fn set_spending_limit(&self, account_id: &str, cents: u64) -> StoreResult<()> {
+        if let Some(account) = self.lock().accounts.get_mut(account_id) {
+            account.spending_limit_cents = cents;
+        }
+        Ok(())
+    }
+
     async fn insert_key(&self, key_hash: &str, key: &KeyRecord) -> StoreResult<()> {
         let mut state = self.lock();
         state.key_seq += 1;

@@ -219,6 +219,9 @@ pub trait Ledger: Send + Sync + 'static {
     async fn get_account(&self, id: &str) -> StoreResult<Option<Account>>;
     /// Overwrites the stored fields of an existing account.
     async fn update_account(&self, account: &Account) -> StoreResult<()>;
+    /// Sets only the spending limit of an existing account (accounts are never deleted), so it
+    /// cannot undo a concurrent change of another field.
+    async fn set_spending_limit(&self, account_id: &str, cents: u64) -> StoreResult<()>;
 
     /// Stores a new key under its SHA-256 hex hash; its slot order is its insertion order.
     async fn insert_key(&self, key_hash: &str, key: &KeyRecord) -> StoreResult<()>;

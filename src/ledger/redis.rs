@@ -608,6 +608,19 @@ impl Ledger for RedisLedger {
         Ok(())
     }
 
+    async fn set_spending_limit(&self, account_id: &str, cents: u64) -> StoreResult<()> {
+        let link = self.link().await?;
+        let _: i64 = link
+            .cmd(
+                redis::cmd("HSET")
+                    .arg(schema::account(account_id))
+                    .arg(af::SPENDING_LIMIT_CENTS)
+                    .arg(cents.to_string()),
+            )
+            .await?;
+        Ok(())
+    }
+
     async fn insert_key(&self, key_hash: &str, key: &KeyRecord) -> StoreResult<()> {
         let link = self.link().await?;
         let seq: i64 = link.cmd(redis::cmd("INCR").arg(schema::KEY_SEQ)).await?;
