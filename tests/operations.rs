@@ -289,3 +289,20 @@ async fn sigterm_under_load_loses_no_settlement() {
     let after = GatewayProcess::start(&redis.url(), backend.addr).await;
     assert_eq!(after.balance(&key).await, 700, "{}", gw.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_store_serves_without_redis() {
+    let backend = DemoBackend::start("127.0.0.1:0").await.unwrap();
+    let mut opts = GatewayOptions::new("redis://127.0.0.1:1", backend.addr);
+    opts.memory_store = true;
+    let gw = GatewayProcess::start_with(opts).await;
+    assert!(
+        gw.log().contains("memory"),
+        "no warning about the memory store"
+    );
+    assert_eq!(gw.admin("GET", "/readyz", None).await.status, 200);
+    gw.create_account("s", "starter", false).await;
+    let key = gw.create_key("s").await;
+    assert_eq!(charge_of(&gw, &key).await, "3");
+    assert_eq!(gw.balance(&key).await, 97);
+}

@@ -41,6 +41,8 @@ pub struct GatewayOptions {
     pub env: Vec<(String, String)>,
     pub read_timeout_ms: u64,
     pub watch_rules: bool,
+    /// `store.backend = "memory"` instead of the Redis at `redis_url`.
+    pub memory_store: bool,
 }
 
 impl GatewayOptions {
@@ -53,6 +55,7 @@ impl GatewayOptions {
             env: Vec::new(),
             read_timeout_ms: 5000,
             watch_rules: true,
+            memory_store: false,
         }
     }
 }
@@ -86,6 +89,7 @@ connect_timeout_ms = 1000
 read_timeout_ms = {read_timeout}
 
 [store]
+backend = "{backend}"
 url = "{redis}"
 command_timeout_ms = 200
 
@@ -98,6 +102,7 @@ watch = {watch}
             up = opts.upstream,
             read_timeout = opts.read_timeout_ms,
             redis = opts.redis_url,
+            backend = if opts.memory_store { "memory" } else { "redis" },
             rules = rules.display(),
             watch = opts.watch_rules,
             extra = opts.extra_toml,
