@@ -2,6 +2,12 @@
 
 use std::process::ExitCode;
 
+/// jemalloc instead of glibc malloc: on the load benchmark it cut the gateway's CPU per billed
+/// request from 2.1× to 1.5× a bare Pingora passthrough and memory per in-flight request from
+/// 50 to 44 KiB (README "Performance"; glibc's arena locks showed in profiles).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use clap::Parser;
 use creditgate::cli::{self, Cli, Command};
 use creditgate::config::Config;
