@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use creditgate::demo_backend::{Behaviour, DemoBackend};
 use serde_json::json;
-use support::gateway::GatewayProcess;
+use support::gateway::{race_relights, GatewayProcess};
 use support::http;
 use support::RedisServer;
 
@@ -234,42 +234,19 @@ async fn connect_failure_and_timeout_are_refunded() {
     assert_eq!(slow.balance(&key).await, 300);
 }
 
-async fn concurrent_spend(gateways: &[&GatewayProcess], key: &str, n: usize) -> (usize, usize) {
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let addr = gateways[i % gateways.len()].proxy;
-        let auth = bearer(key);
-        tasks.push(tokio::spawn(async move {
-            http::post_json(
-                addr,
-                "/api/v1/images/relight",
-                &[("Authorization", &auth)],
-                &json!({"model": "nano-banana-pro"}),
-            )
-            .await
-        }));
-    }
-    let (mut ok, mut refused) = (0, 0);
-    for t in tasks {
-        let r = t.await.unwrap();
-        match r.status {
-            200 => ok += 1,
-            402 => {
-                assert_eq!(r.error_code(), "insufficient_credits");
-                refused += 1
-            }
-            other => panic!("unexpected {other}: {}", r.text()),
-        }
-    }
-    (ok, refused)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_concurrent_requests_on_100_credits_make_exactly_33() {
     let e = env().await;
     e.gw.create_account("s", "starter", false).await;
     let key = e.gw.create_key("s").await;
-    let (ok, refused) = concurrent_spend(&[&e.gw], &key, 60).await;
+    let (ok, refused) = race_relights(
+        &[&e.gw],
+        &key,
+        "nano-banana-pro",
+        60,
+        "insufficient_credits",
+    )
+    .await;
     assert_eq!((ok, refused), (33, 27));
     assert_eq!(e.gw.balance(&key).await, 1);
     assert_eq!(e.backend.request_count(), 33);
@@ -281,7 +258,14 @@ async fn two_instances_sharing_redis_never_overspend() {
     let second = GatewayProcess::start(&e.redis.url(), e.backend.addr).await;
     e.gw.create_account("s", "starter", false).await;
     let key = e.gw.create_key("s").await;
-    let (ok, refused) = concurrent_spend(&[&e.gw, &second], &key, 60).await;
+    let (ok, refused) = race_relights(
+        &[&e.gw, &second],
+        &key,
+        "nano-banana-pro",
+        60,
+        "insufficient_credits",
+    )
+    .await;
     assert_eq!((ok, refused), (33, 27));
     assert_eq!(second.balance(&key).await, 1);
     assert_eq!(e.backend.request_count(), 33);

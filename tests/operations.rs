@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use creditgate::demo_backend::{Behaviour, DemoBackend};
 use serde_json::json;
-use support::gateway::{shipped_rules, GatewayOptions, GatewayProcess};
+use support::gateway::{shipped_rules, spawn_relights, GatewayOptions, GatewayProcess};
 use support::http;
 use support::RedisServer;
 
@@ -256,20 +256,7 @@ async fn sigterm_under_load_loses_no_settlement() {
         delay: Duration::from_millis(400),
         ..Behaviour::default()
     });
-    let mut tasks = Vec::new();
-    for _ in 0..20 {
-        let addr = gw.proxy;
-        let auth = format!("Bearer {key}");
-        tasks.push(tokio::spawn(async move {
-            http::post_json(
-                addr,
-                "/api/v1/images/relight",
-                &[("Authorization", &auth)],
-                &json!({"model": "nano-banana-pro"}),
-            )
-            .await
-        }));
-    }
+    let tasks = spawn_relights(&[&gw], &key, "nano-banana-pro", 20);
     tokio::time::sleep(Duration::from_millis(150)).await;
     gw.signal("TERM");
     let mut answered = 0;

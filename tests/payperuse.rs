@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use creditgate::demo_backend::{Behaviour, DemoBackend};
 use serde_json::json;
-use support::gateway::GatewayProcess;
+use support::gateway::{race_relights, GatewayProcess};
 use support::http;
 use support::RedisServer;
 
@@ -183,36 +183,6 @@ async fn credits_first_then_overage() {
     assert_eq!(r.error_code(), "subscription_inactive");
 }
 
-async fn race(gateways: &[&GatewayProcess], key: &str, n: usize) -> (usize, usize) {
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let addr = gateways[i % gateways.len()].proxy;
-        let auth = format!("Bearer {key}");
-        tasks.push(tokio::spawn(async move {
-            http::post_json(
-                addr,
-                "/api/v1/images/relight",
-                &[("Authorization", &auth)],
-                &json!({"model": "nano-banana-2"}),
-            )
-            .await
-        }));
-    }
-    let (mut ok, mut limited) = (0, 0);
-    for t in tasks {
-        let r = t.await.unwrap();
-        match r.status {
-            200 => ok += 1,
-            402 => {
-                assert_eq!(r.error_code(), "spending_limit_reached");
-                limited += 1;
-            }
-            s => panic!("unexpected {s}: {}", r.text()),
-        }
-    }
-    (ok, limited)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_concurrent_7_2_cent_requests_under_50_cents_make_exactly_6() {
     let redis = RedisServer::start();
@@ -220,10 +190,23 @@ async fn sixteen_concurrent_7_2_cent_requests_under_50_cents_make_exactly_6() {
     let gw = GatewayProcess::start(&redis.url(), backend.addr).await;
     let second = GatewayProcess::start(&redis.url(), backend.addr).await;
     let key = ppu_account(&gw, "one", 50).await;
-    assert_eq!(race(&[&gw], &key, 16).await, (6, 10));
+    assert_eq!(
+        race_relights(&[&gw], &key, "nano-banana-2", 16, "spending_limit_reached").await,
+        (6, 10)
+    );
     assert_eq!(backend.request_count(), 6);
     let key2 = ppu_account(&gw, "two", 50).await;
-    assert_eq!(race(&[&gw, &second], &key2, 16).await, (6, 10));
+    assert_eq!(
+        race_relights(
+            &[&gw, &second],
+            &key2,
+            "nano-banana-2",
+            16,
+            "spending_limit_reached"
+        )
+        .await,
+        (6, 10)
+    );
     assert_eq!(backend.request_count(), 12);
     let view = gw.admin("GET", "/admin/accounts/two", None).await.json();
     assert_eq!(view["monthSpendMicroUsd"], 432_000);

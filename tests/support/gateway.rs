@@ -257,6 +257,53 @@ watch = {watch}
     }
 }
 
+/// Starts `n` relight requests for `model` at once, spread round-robin over `gateways`; the
+/// handles resolve to the responses.
+pub fn spawn_relights(
+    gateways: &[&GatewayProcess],
+    key: &str,
+    model: &str,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<http::Response>> {
+    (0..n)
+        .map(|i| {
+            let addr = gateways[i % gateways.len()].proxy;
+            let auth = format!("Bearer {key}");
+            let body = json!({ "model": model });
+            tokio::spawn(async move {
+                http::post_json(
+                    addr,
+                    "/api/v1/images/relight",
+                    &[("Authorization", &auth)],
+                    &body,
+                )
+                .await
+            })
+        })
+        .collect()
+}
+
+/// Runs `n` relights at once and counts (200s, refusals with `refusal_code`); anything else
+/// fails the test.
+pub async fn race_relights(
+    gateways: &[&GatewayProcess],
+    key: &str,
+    model: &str,
+    n: usize,
+    refusal_code: &str,
+) -> (usize, usize) {
+    let (mut ok, mut refused) = (0, 0);
+    for t in spawn_relights(gateways, key, model, n) {
+        let r = t.await.expect("request task");
+        match r.status {
+            200 => ok += 1,
+            402 if r.error_code() == refusal_code => refused += 1,
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    (ok, refused)
+}
+
 impl Drop for GatewayProcess {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
