@@ -512,11 +512,3 @@ impl AdminApp {
         }
     }
 }
-
-impl JsonReply {
-    /// The same reply with another status.
-    pub fn with_status(mut self, status: u16) -> Self {
-        self.status = status;
-        self
-    }
-}

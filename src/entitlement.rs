@@ -2,7 +2,7 @@
 //! current billing period's balance, or the free plan's one-off signup grant), its API key
 //! slots, and whether credits may be spent. Pure: catalog + account + clock in, answers out.
 
-use crate::ledger::{Account, CreditBucket, PAY_PER_USE_PLAN};
+use crate::ledger::{Account, CreditBucket};
 use crate::period;
 use crate::rules::{Catalog, CreditGrant};
 
@@ -40,27 +40,17 @@ pub fn current_period_end(catalog: &Catalog, account: &Account, now_ms: i64) -> 
     }
 }
 
-/// How many API keys the account may use.
+/// How many API keys the account may use (0 for a plan the catalog no longer knows).
 pub fn key_slots(catalog: &Catalog, account: &Account) -> u64 {
-    if account.plan == PAY_PER_USE_PLAN {
-        return u64::from(catalog.pay_per_use().api_keys);
-    }
-    catalog
-        .plan(&account.plan)
-        .map_or(0, |p| u64::from(p.api_keys))
+    catalog.api_keys_for(&account.plan).map_or(0, u64::from)
 }
 
-/// Requests per minute allowed per key.
+/// Requests per minute allowed per key (0: no limit applies).
 pub fn requests_per_minute(catalog: &Catalog, account: &Account) -> u32 {
-    if account.plan == PAY_PER_USE_PLAN {
-        return catalog.pay_per_use().requests_per_minute;
-    }
-    catalog
-        .plan(&account.plan)
-        .map_or(0, |p| p.requests_per_minute)
+    catalog.requests_per_minute_for(&account.plan).unwrap_or(0)
 }
 
 /// Whether `plan` names something the catalog knows (a plan id or `pay_per_use`).
 pub fn is_known_plan(catalog: &Catalog, plan: &str) -> bool {
-    plan == PAY_PER_USE_PLAN || catalog.plan(plan).is_some()
+    catalog.api_keys_for(plan).is_some()
 }

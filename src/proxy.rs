@@ -465,8 +465,3 @@ fn record_charge(reservation: &Reservation, s: Settlement) {
         }
     }
 }
-
-/// Bytes of a JSON error body (for tests and direct use).
-pub fn error_body(e: &GatewayError) -> Bytes {
-    JsonReply::error(e).body
-}
