@@ -40,7 +40,6 @@ pub struct RequestCtx {
     /// The status the client was sent.
     status: u16,
     error_code: Option<&'static str>,
-    settlement: Option<Settlement>,
     /// The response as the client got it, kept when an `Idempotency-Key` will replay it.
     replay: Option<ReplayCapture>,
 }
@@ -125,7 +124,6 @@ impl ProxyHttp for CreditGateProxy {
             images_generated: None,
             status: 0,
             error_code: None,
-            settlement: None,
             replay: None,
         }
     }
@@ -224,7 +222,6 @@ impl ProxyHttp for CreditGateProxy {
             return Ok(());
         };
         let s = settle::decide(reservation, outcome);
-        ctx.settlement = Some(s);
         match reservation.payment {
             Payment::Credits { remaining, .. } => {
                 response.insert_header("X-Credits-Charged", s.kept.to_string())?;
