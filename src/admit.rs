@@ -48,7 +48,13 @@ pub struct Forward {
     pub idempotency: Option<idempotency::Ticket>,
 }
 
-pub async fn admit(gw: &Gateway, req: &mut dyn IncomingRequest) -> Result<Admission, GatewayError> {
+/// `route_label` is set to the matched route's label as soon as it is known, so refusals are
+/// logged and counted under their route too.
+pub async fn admit(
+    gw: &Gateway,
+    req: &mut dyn IncomingRequest,
+    route_label: &mut String,
+) -> Result<Admission, GatewayError> {
     let header = req.header();
     let raw_target = header
         .uri
@@ -64,6 +70,7 @@ pub async fn admit(gw: &Gateway, req: &mut dyn IncomingRequest) -> Result<Admiss
         if method != "POST" {
             return Err(GatewayError::NotFound);
         }
+        "POST /webhooks/stripe".clone_into(route_label);
         let signature = header_str(header, "stripe-signature").map(str::to_string);
         let body = req.read_body(MAX_WEBHOOK_BODY_BYTES).await?;
         let reply = crate::stripe::webhook::handle(gw, signature.as_deref(), &body).await?;
@@ -75,6 +82,7 @@ pub async fn admit(gw: &Gateway, req: &mut dyn IncomingRequest) -> Result<Admiss
 
     if BillingEndpoint::owns_path(&path.path) {
         let endpoint = BillingEndpoint::find(&method, &path.path).ok_or(GatewayError::NotFound)?;
+        endpoint.label().clone_into(route_label);
         let principal =
             auth::authenticate(header, &gw.keys, gw.ledger.as_ref(), &catalog, now_ms).await?;
         let body = if endpoint == BillingEndpoint::SetSpendingLimit {
@@ -101,6 +109,7 @@ pub async fn admit(gw: &Gateway, req: &mut dyn IncomingRequest) -> Result<Admiss
     let route = catalog
         .match_route(&method, &path)
         .ok_or(GatewayError::NotFound)?;
+    route.label().clone_into(route_label);
     let principal =
         auth::authenticate(header, &gw.keys, gw.ledger.as_ref(), &catalog, now_ms).await?;
 

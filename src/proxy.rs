@@ -131,7 +131,7 @@ impl ProxyHttp for CreditGateProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let admitted = {
             let mut incoming = SessionRequest { session };
-            admit(&self.gw, &mut incoming).await
+            admit(&self.gw, &mut incoming, &mut ctx.route).await
         };
         match admitted {
             Ok(Admission::Forward(forward)) => {

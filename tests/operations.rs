@@ -159,8 +159,14 @@ async fn metrics_move_with_charges_and_refunds_and_name_no_account() {
     .await;
     gw.generate(&key, "/api/v1/images/relight", json!({"model": "unknown"}))
         .await;
+    let r = http::get(gw.proxy, "/api/credits/balance", &[]).await;
+    assert_eq!(r.status, 401);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let m = http::get(gw.metrics, "/metrics", &[]).await.text();
+    assert!(
+        m.contains("creditgate_requests_total{outcome=\"invalid_api_key\",route=\"GET /api/credits/balance\"} 1"),
+        "refusals are counted under their route: {m}"
+    );
     assert!(
         m.contains("creditgate_credits_charged_total{model=\"nano-banana-pro\",operation=\"relight\",plan=\"pro\"} 6"),
         "{m}"
