@@ -490,16 +490,10 @@ impl AdminApp {
     }
 
     fn reload(&self) -> JsonReply {
-        match self.gw.catalog.reload() {
-            Ok(version) => {
-                crate::metrics::set_catalog_version(version);
-                crate::metrics::inc(&crate::metrics::CATALOG_RELOADS, &["admin", "ok"], 1);
-                JsonReply::ok(200, &json!({"version": version, "reloaded": true}))
-            }
+        match crate::reloader::reload(&self.gw, "admin") {
+            Ok(version) => JsonReply::ok(200, &json!({"version": version, "reloaded": true})),
             Err(problems) => {
-                crate::metrics::inc(&crate::metrics::CATALOG_RELOADS, &["admin", "error"], 1);
                 let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
-                tracing::warn!(problems = ?list, "catalog reload refused");
                 JsonReply::ok(
                     400,
                     &json!({"error": {

@@ -26,10 +26,7 @@ const MAX_WEBHOOK_BODY_BYTES: usize = 512 * 1024;
 /// What to do with an admitted request.
 pub enum Admission {
     /// The gateway answers it itself.
-    Reply {
-        route: &'static str,
-        reply: JsonReply,
-    },
+    Reply(JsonReply),
     /// Proxy it upstream.
     Forward(Box<Forward>),
 }
@@ -37,8 +34,6 @@ pub enum Admission {
 /// An admitted request on its way upstream.
 pub struct Forward {
     pub principal: Arc<Principal>,
-    /// The route rule's label (method and path template), for logs and metrics.
-    pub route: String,
     /// Canonical path and query: exactly what was priced is what is sent.
     pub upstream_path: String,
     /// The catalog that quoted the request; it also settles it.
@@ -74,10 +69,7 @@ pub async fn admit(
         let signature = header_str(header, "stripe-signature").map(str::to_string);
         let body = req.read_body(MAX_WEBHOOK_BODY_BYTES).await?;
         let reply = crate::stripe::webhook::handle(gw, signature.as_deref(), &body).await?;
-        return Ok(Admission::Reply {
-            route: "POST /webhooks/stripe",
-            reply,
-        });
+        return Ok(Admission::Reply(reply));
     }
 
     if BillingEndpoint::owns_path(&path.path) {
@@ -100,10 +92,7 @@ pub async fn admit(
             None
         };
         let reply = billing_api::answer(gw, &principal, endpoint, body).await?;
-        return Ok(Admission::Reply {
-            route: endpoint.label(),
-            reply,
-        });
+        return Ok(Admission::Reply(reply));
     }
 
     let route = catalog
@@ -157,12 +146,7 @@ pub async fn admit(
         .await?
         {
             Check::Run(t) => ticket = Some(t),
-            Check::Replay(reply) => {
-                return Ok(Admission::Reply {
-                    route: "idempotent replay",
-                    reply,
-                })
-            }
+            Check::Replay(reply) => return Ok(Admission::Reply(reply)),
         }
     }
     let reservation = match quote {
@@ -206,10 +190,8 @@ pub async fn admit(
         Some(q) => format!("{}?{}", path.path, q),
         None => path.path.clone(),
     };
-    let route_label = route.label().to_string();
     Ok(Admission::Forward(Box::new(Forward {
         principal,
-        route: route_label,
         upstream_path,
         catalog: catalog.clone(),
         reservation,

@@ -135,12 +135,10 @@ impl ProxyHttp for CreditGateProxy {
         };
         match admitted {
             Ok(Admission::Forward(forward)) => {
-                ctx.route = forward.route.clone();
                 ctx.forward = Some(forward);
                 Ok(false)
             }
-            Ok(Admission::Reply { route, reply }) => {
-                ctx.route = route.to_string();
+            Ok(Admission::Reply(reply)) => {
                 self.write_reply(session, ctx, &reply).await?;
                 Ok(true)
             }
@@ -320,10 +318,10 @@ impl ProxyHttp for CreditGateProxy {
 
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let mut charge = String::from("-");
-        if let Some(forward) = ctx.forward.as_ref() {
+        if ctx.forward.is_some() {
             metrics::observe(
                 &metrics::UPSTREAM_LATENCY,
-                &[forward.route.as_str()],
+                &[ctx.route.as_str()],
                 ctx.started.elapsed().as_secs_f64(),
             );
         }

@@ -13,7 +13,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use crate::metrics;
-use crate::rules::RULE_FILES;
+use crate::rules::{RuleProblem, RULE_FILES};
 use crate::state::Gateway;
 
 const POLL: Duration = Duration::from_millis(500);
@@ -35,23 +35,24 @@ fn files_signature(dir: &Path) -> Vec<Option<(SystemTime, u64)>> {
         .collect()
 }
 
-/// Reloads now and records the outcome; returns whether the catalog is good.
-pub fn reload(gw: &Gateway, trigger: &str) -> bool {
-    match gw.catalog.reload() {
+/// Reloads now and records the outcome (log, metrics, live version); every trigger — file,
+/// SIGHUP, admin call — goes through here.
+pub fn reload(gw: &Gateway, trigger: &str) -> Result<u64, Vec<RuleProblem>> {
+    let result = gw.catalog.reload();
+    match &result {
         Ok(version) => {
-            metrics::set_catalog_version(version);
+            metrics::set_catalog_version(*version);
             metrics::inc(&metrics::CATALOG_RELOADS, &[trigger, "ok"], 1);
             tracing::info!(trigger, version, "catalog loaded");
-            true
         }
         Err(problems) => {
             metrics::inc(&metrics::CATALOG_RELOADS, &[trigger, "error"], 1);
-            for p in &problems {
+            for p in problems {
                 tracing::warn!(trigger, problem = %p, "catalog reload refused; the old catalog keeps serving");
             }
-            false
         }
     }
+    result
 }
 
 #[async_trait]
@@ -88,7 +89,7 @@ impl BackgroundService for Reloader {
                         None => std::future::pending().await,
                     }
                 } => {
-                    reload(&self.gw, "sighup");
+                    let _ = reload(&self.gw, "sighup");
                     seen = files_signature(&dir);
                 }
                 _ = tokio::time::sleep(POLL) => {
@@ -100,7 +101,7 @@ impl BackgroundService for Reloader {
                         let now = files_signature(&dir);
                         if now != seen {
                             seen = now;
-                            reload(&self.gw, "file");
+                            let _ = reload(&self.gw, "file");
                         }
                     }
                 }
