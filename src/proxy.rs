@@ -317,7 +317,7 @@ impl ProxyHttp for CreditGateProxy {
     }
 
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let mut charge = String::from("-");
+        let mut settled = None;
         if ctx.forward.is_some() {
             metrics::observe(
                 &metrics::UPSTREAM_LATENCY,
@@ -341,10 +341,7 @@ impl ProxyHttp for CreditGateProxy {
                 apply_settlement(self.gw.ledger.as_ref(), reservation, s, &ctx.request_id).await;
             }
             record_charge(reservation, s);
-            charge = match reservation.payment {
-                Payment::Credits { .. } => format!("{}cr", s.kept),
-                Payment::Spend { .. } => format!("${}", MicroUsd(s.kept)),
-            };
+            settled = Some(s);
         }
         self.finish_idempotency(ctx).await;
         let outcome = ctx.error_code.unwrap_or(if ctx.status < 400 {
@@ -358,10 +355,27 @@ impl ProxyHttp for CreditGateProxy {
                 metrics::inc(&metrics::REJECTIONS, &[code], 1);
             }
         }
+        if !tracing::enabled!(tracing::Level::INFO) {
+            return;
+        }
         let account = ctx
             .forward
             .as_ref()
             .map_or("-", |f| f.principal.account.id.as_str());
+        // What was charged, and for what: a credit reservation record keeps only what
+        // settlement needs, so this line is where a charge id is traced back to its request.
+        let reservation = ctx.forward.as_ref().and_then(|f| f.reservation.as_ref());
+        let (charge, charge_id, priced) = match (reservation, settled) {
+            (Some(r), Some(s)) => (
+                match r.payment {
+                    Payment::Credits { .. } => format!("{}cr", s.kept),
+                    Payment::Spend { .. } => format!("${}", MicroUsd(s.kept)),
+                },
+                r.id.as_str(),
+                format!("{} {} x{}", r.meta.operation, r.meta.model, r.meta.quantity),
+            ),
+            _ => ("-".to_string(), "-", "-".to_string()),
+        };
         tracing::info!(
             request_id = %ctx.request_id,
             account = %account,
@@ -370,6 +384,8 @@ impl ProxyHttp for CreditGateProxy {
             upstream_status = ctx.upstream_status.unwrap_or(0),
             outcome = outcome,
             charge = %charge,
+            charge_id = %charge_id,
+            priced = %priced,
             error = e.map(|e| e.to_string()).unwrap_or_default(),
             latency_us = ctx.started.elapsed().as_micros() as u64,
             "request"

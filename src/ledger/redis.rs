@@ -511,15 +511,16 @@ fn to_json(key: &KeyRecord) -> StoreResult<String> {
     serde_json::to_string(key).map_err(|e| corrupt(&schema::key_id(&key.id), e))
 }
 
-fn meta_fields(
-    kind: &str,
+/// The fields of a pay-per-use reservation record: what settlement reads plus what was priced
+/// and reported (kept for an operator tracing a Stripe charge back to its request).
+fn spend_record_fields(
     account_id: &str,
     bucket: &str,
     amount: u64,
     meta: &super::ChargeMeta,
 ) -> Vec<(&'static str, String)> {
     vec![
-        (rf::KIND, kind.to_string()),
+        (rf::KIND, schema::KIND_SPEND.to_string()),
         (rf::ACCOUNT, account_id.to_string()),
         (rf::BUCKET, bucket.to_string()),
         (rf::AMOUNT, amount.to_string()),
@@ -776,13 +777,14 @@ impl Ledger for RedisLedger {
         let bal = schema::balance(&r.account_id, &r.bucket.id);
         let rsv = schema::reservation(&r.account_id, &r.reservation_id);
         let amount = int(r.amount);
-        let mut fields = meta_fields(
-            schema::KIND_CREDITS,
-            &r.account_id,
-            &r.bucket.id,
-            r.amount,
-            &r.meta,
-        );
+        // Only what settlement reads: this record is written on every billed request, and most
+        // are never read again (a kept credit charge needs no settlement call). What was priced
+        // is in the request's log line under its charge id.
+        let mut fields = vec![
+            (rf::KIND, schema::KIND_CREDITS.to_string()),
+            (rf::BUCKET, r.bucket.id.clone()),
+            (rf::AMOUNT, r.amount.to_string()),
+        ];
         if let Some(exp) = r.bucket.expires_at_ms {
             fields.push((rf::BUCKET_EXPIRES_MS, exp.to_string()));
         }
@@ -840,13 +842,7 @@ impl Ledger for RedisLedger {
         let spend = schema::spend(&r.account_id, &r.month);
         let rsv = schema::reservation(&r.account_id, &r.reservation_id);
         let amount = int(r.amount_micro);
-        let mut fields = meta_fields(
-            schema::KIND_SPEND,
-            &r.account_id,
-            &r.month,
-            r.amount_micro,
-            &r.meta,
-        );
+        let mut fields = spend_record_fields(&r.account_id, &r.month, r.amount_micro, &r.meta);
         if let Some(report) = &r.report {
             fields.push((rf::CUSTOMER, report.customer_id.clone()));
             fields.push((rf::REPORT_VALUE, report.value.to_string()));

@@ -127,7 +127,8 @@ pub mod account_field {
     pub const CREATED_MS: &str = "created_ms";
 }
 
-/// Fields of a reservation hash.
+/// Fields of a reservation hash. A credit reservation holds only what settlement reads (`kind`,
+/// `bucket`, `bucket_expires_ms`, `amount`); a pay-per-use one also what was priced and reported.
 pub mod rsv_field {
     /// `credits` or `spend`.
     pub const KIND: &str = "kind";
