@@ -193,6 +193,13 @@ async fn metrics_move_with_charges_and_refunds_and_name_no_account() {
     let log = gw.log();
     assert!(log.contains("acct-secret-name"));
     assert!(!log.contains(&key), "the full key was logged");
+    // A kept charge is traced back to what was priced by its charge id, on the request's line.
+    let kept = log
+        .lines()
+        .find(|l| l.contains("charge=3cr"))
+        .unwrap_or_else(|| panic!("no request line with the kept charge:\n{log}"));
+    assert!(kept.contains("priced=relight nano-banana-pro x1"), "{kept}");
+    assert!(kept.contains("charge_id=ch_"), "{kept}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
