@@ -1,7 +1,8 @@
 //! Header hygiene. Towards the upstream: the client's API key is never forwarded, client-sent
 //! headers that impersonate the gateway's (`X-Account-Id`, `X-Plan`, `X-Billing-*`,
 //! `X-Creditgate-*`, `X-Request-Id`) are removed, and the gateway's own are set, including what
-//! was priced (`X-Creditgate-Operation/Model/Quantity`) so the backend generates exactly that.
+//! was priced (`X-Creditgate-Operation/Model/Quantity`) so the backend generates exactly that;
+//! `Expect` is dropped (the gateway answers `100 Continue` itself after admission).
 //! Towards the client: billing headers are the gateway's alone.
 
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -35,6 +36,8 @@ pub fn prepare_upstream_request(
     for name in &doomed {
         upstream.remove_header(name);
     }
+    // The gateway answered `Expect: 100-continue` itself once the request was admitted.
+    upstream.remove_header("expect");
     let already_canonical = upstream
         .uri
         .path_and_query()

@@ -35,9 +35,29 @@ impl IncomingRequest for BufferedRequest {
 }
 
 /// Reads a Pingora session's body into memory. Pingora's retry buffer (≤ 64 KiB) keeps what was
-/// read and sends it upstream unchanged, so inspecting the body does not consume it.
+/// read and sends it upstream unchanged, so inspecting the body does not consume it. A client
+/// that sent `Expect: 100-continue` waits for `100 Continue` before sending its body: it is
+/// answered here, just before the body is first read (so a request refused on its header alone
+/// is refused before anything is uploaded), and `continue_sent` records it.
 pub struct SessionRequest<'a> {
     pub session: &'a mut pingora::proxy::Session,
+    pub continue_sent: bool,
+}
+
+impl SessionRequest<'_> {
+    /// Sends `100 Continue` once, if the client asked for it.
+    pub async fn send_continue_if_expected(&mut self) -> Result<(), GatewayError> {
+        if self.continue_sent || !expects_continue(self.session.req_header()) {
+            return Ok(());
+        }
+        self.session
+            .as_mut()
+            .write_continue_response()
+            .await
+            .map_err(|e| GatewayError::InvalidRequest(format!("Could not answer Expect: {e}.")))?;
+        self.continue_sent = true;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -47,6 +67,7 @@ impl IncomingRequest for SessionRequest<'_> {
     }
 
     async fn read_body(&mut self, limit: usize) -> Result<Bytes, GatewayError> {
+        self.send_continue_if_expected().await?;
         self.session.as_mut().enable_retry_buffering();
         let mut body = BytesMut::new();
         loop {
@@ -70,6 +91,15 @@ impl IncomingRequest for SessionRequest<'_> {
 /// The first value of a header as text; `None` when absent or not visible ASCII.
 pub fn header_str<'h>(header: &'h RequestHeader, name: &str) -> Option<&'h str> {
     header.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Whether an HTTP/1.1 client waits for `100 Continue` before sending its body.
+pub fn expects_continue(header: &RequestHeader) -> bool {
+    header.version == http::Version::HTTP_11
+        && header
+            .headers
+            .get("expect")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Whether the request declares a JSON body.

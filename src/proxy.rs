@@ -17,7 +17,7 @@ use crate::apikey::random_id;
 use crate::error::GatewayError;
 use crate::headers;
 use crate::idempotency;
-use crate::incoming::SessionRequest;
+use crate::incoming::{expects_continue, SessionRequest};
 use crate::metrics;
 use crate::money::{MicroUsd, MICROS_PER_CENT, MICROS_PER_USD};
 use crate::reserve::{Payment, Reservation};
@@ -65,7 +65,10 @@ impl CreditGateProxy {
     ) -> Result<()> {
         ctx.status = reply.status;
         let header = reply.response_header(&ctx.request_id)?;
-        if !session.as_mut().is_body_done() && !drain_small_body(session).await {
+        if expects_continue(session.req_header()) && !session.as_mut().is_body_done() {
+            // Refused before `100 Continue`: the client sends no body; the connection ends here.
+            session.set_keepalive(None);
+        } else if !session.as_mut().is_body_done() && !drain_small_body(session).await {
             // The client's body was not read; do not try to reuse the connection.
             session.set_keepalive(None);
         }
@@ -129,13 +132,22 @@ impl ProxyHttp for CreditGateProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let admitted = {
-            let mut incoming = SessionRequest { session };
-            admit(&self.gw, &mut incoming, &mut ctx.route).await
+        let mut incoming = SessionRequest {
+            session,
+            continue_sent: false,
         };
+        let admitted = admit(&self.gw, &mut incoming, &mut ctx.route).await;
+        let continue_sent = incoming.continue_sent;
         match admitted {
             Ok(Admission::Forward(forward)) => {
                 ctx.forward = Some(forward);
+                // Admitted and paid for: now the client may send its body. The upstream is not
+                // asked again (`Expect` is not forwarded).
+                if !continue_sent {
+                    if let Err(e) = incoming.send_continue_if_expected().await {
+                        return Error::e_explain(ErrorType::WriteError, e.to_string());
+                    }
+                }
                 Ok(false)
             }
             Ok(Admission::Reply(reply)) => {

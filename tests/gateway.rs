@@ -932,3 +932,101 @@ async fn admin_api_validates_and_upgrades_add_the_difference() {
     assert_eq!(cat.status, 200);
     assert_eq!(cat.json()["version"], 1);
 }
+
+/// Sends a request head with `Expect: 100-continue` and waits (≤ 2 s) for the first answer
+/// before sending any body, as curl does. Returns that first answer's head and, when it was
+/// `100 Continue`, the final response after the body was sent.
+async fn expect_continue(
+    addr: std::net::SocketAddr,
+    head: &str,
+    body: &[u8],
+) -> (String, Option<http::Response>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(head.as_bytes()).await.expect("head");
+    let mut buf = Vec::new();
+    let first = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                return end + 4;
+            }
+            let n = stream.read(&mut chunk).await.expect("read");
+            assert!(
+                n > 0,
+                "closed before answering: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("the gateway answered the head without waiting for the body");
+    let first_head = String::from_utf8_lossy(&buf[..first]).into_owned();
+    if !first_head.starts_with("HTTP/1.1 100") {
+        return (first_head, None);
+    }
+    stream.write_all(body).await.expect("body");
+    let mut rest = buf[first..].to_vec();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect("final response within 10 s")
+        .expect("read");
+    (first_head, Some(http::parse(&rest)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_is_answered_once_the_request_is_admitted() {
+    let e = env().await;
+    e.gw.create_account("up", "pro", false).await;
+    let key = e.gw.create_key("up").await;
+    let proxy = e.gw.proxy;
+
+    // A binary upload priced from X-Model: 100 Continue after the reservation, then the body
+    // streams to the backend, which is not asked to answer `Expect` itself.
+    let body = vec![7u8; 300_000];
+    let head = format!(
+        "POST /api/v1/images/relight HTTP/1.1\r\nHost: {proxy}\r\nConnection: close\r\n\
+         Authorization: Bearer {key}\r\nContent-Type: application/octet-stream\r\n\
+         X-Model: nano-banana-pro\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let (first, last) = expect_continue(proxy, &head, &body).await;
+    assert!(first.starts_with("HTTP/1.1 100"), "{first}");
+    let last = last.expect("final response");
+    assert_eq!(last.status, 200, "{}", last.text());
+    assert_eq!(last.header("X-Credits-Charged"), Some("3"));
+    let seen = e.backend.requests();
+    let upload = seen.last().expect("the backend saw the upload");
+    assert_eq!(upload.body_len, body.len() as u64);
+    assert_eq!(upload.header("Expect"), None, "Expect was forwarded");
+
+    // A JSON-priced request: 100 Continue before the gateway reads the body it prices from.
+    let json = br#"{"model":"nano-banana-pro","n":2}"#;
+    let head = format!(
+        "POST /api/v1/images/relight HTTP/1.1\r\nHost: {proxy}\r\nConnection: close\r\n\
+         Authorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+         Expect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        json.len()
+    );
+    let (first, last) = expect_continue(proxy, &head, json).await;
+    assert!(first.starts_with("HTTP/1.1 100"), "{first}");
+    let last = last.expect("final response");
+    assert_eq!(last.status, 200, "{}", last.text());
+    assert_eq!(last.header("X-Credits-Charged"), Some("6"));
+    assert_eq!(e.gw.balance(&key).await, 300 - 3 - 6);
+
+    // Refused on its head: the final answer comes first and nothing is uploaded or proxied.
+    let before = e.backend.request_count();
+    let head = format!(
+        "POST /api/v1/images/relight HTTP/1.1\r\nHost: {proxy}\r\n\
+         Authorization: Bearer at_live_NotAKeyThatWasEverIssued0000000000000\r\n\
+         Content-Type: application/octet-stream\r\nX-Model: nano-banana-pro\r\n\
+         Expect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let (first, last) = expect_continue(proxy, &head, &body).await;
+    assert!(first.starts_with("HTTP/1.1 401"), "{first}");
+    assert!(last.is_none());
+    assert_eq!(e.backend.request_count(), before);
+}

@@ -102,7 +102,7 @@ pub async fn post_json(
     request(addr, "POST", target, &all, Some(text.as_bytes())).await
 }
 
-fn parse(buf: &[u8]) -> Response {
+pub fn parse(buf: &[u8]) -> Response {
     let split = buf
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
