@@ -1189,6 +1189,119 @@ async fn redis_settings_and_no_lua() {
     }
 }
 
+/// `calls` of one command in `INFO commandstats`.
+fn command_calls(stats: &str, name: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn command_stats(conn: &mut redis::aio::MultiplexedConnection) -> String {
+    redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .expect("info")
+}
+
+/// Reservations started together on one thread share `MULTI/EXEC`s, and each still gets exactly
+/// its own answer.
+#[tokio::test(flavor = "current_thread")]
+async fn redis_concurrent_reservations_share_transactions() {
+    let server = RedisServer::start();
+    let ledger = redis_ledger(&server);
+    ledger.ping().await.expect("ping");
+    let mut conn = raw_connection(&server).await;
+    let before = command_stats(&mut conn).await;
+    let bkt = bucket("p-batch", 100);
+    let rs: Vec<CreditReservation> = (0..40)
+        .map(|i| credits(&format!("acct-batch-{}", i % 4), &format!("b-{i}"), &bkt, 7))
+        .collect();
+    let tasks: Vec<_> = rs
+        .into_iter()
+        .map(|r| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move { ledger.reserve_credits(&r).await })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.expect("task"));
+    }
+    let after = command_stats(&mut conn).await;
+    // Per account (ten reservations of 7 against 100): 93, 86, …, 30, each seen once.
+    for a in 0..4 {
+        let mut left: Vec<u64> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 4 == a)
+            .map(|(_, o)| match o.as_ref().expect("store answers") {
+                CreditReserveOutcome::Reserved { remaining } => *remaining,
+                other => panic!("expected a reservation, got {other:?}"),
+            })
+            .collect();
+        left.sort_unstable();
+        let expected: Vec<u64> = (1..=10).rev().map(|k| 100 - 7 * k).collect();
+        assert_eq!(left, expected, "account {a}");
+    }
+    let execs = command_calls(&after, "exec") - command_calls(&before, "exec");
+    assert!(
+        (1..40).contains(&execs),
+        "40 reservations took {execs} transactions"
+    );
+    assert_eq!(
+        command_calls(&after, "decrby") - command_calls(&before, "decrby"),
+        40
+    );
+}
+
+/// In a shared transaction, a command that fails fails only its own caller.
+#[tokio::test(flavor = "current_thread")]
+async fn redis_an_error_in_a_shared_transaction_stays_with_its_caller() {
+    let server = RedisServer::start();
+    let ledger = redis_ledger(&server);
+    let bkt = bucket("p-mixed", 100);
+    // A balance key of the wrong type: DECRBY on it answers WRONGTYPE inside the EXEC.
+    let mut conn = raw_connection(&server).await;
+    let broken = "cg:{a:acct-broken}:bal:p-mixed";
+    let _: i64 = redis::cmd("HSET")
+        .arg(broken)
+        .arg("x")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    let good = credits("acct-fine", "m-1", &bkt, 5);
+    let bad = credits("acct-broken", "m-2", &bkt, 5);
+    let good_too = credits("acct-fine", "m-3", &bkt, 5);
+    let (a, b, c) = tokio::join!(
+        ledger.reserve_credits(&good),
+        ledger.reserve_credits(&bad),
+        ledger.reserve_credits(&good_too)
+    );
+    let left = |o: Result<CreditReserveOutcome, StoreError>| match o.expect("store answers") {
+        CreditReserveOutcome::Reserved { remaining } => remaining,
+        other => panic!("expected a reservation, got {other:?}"),
+    };
+    let mut seen = [left(a), left(c)];
+    seen.sort_unstable();
+    assert_eq!(seen, [90, 95]);
+    assert!(
+        b.is_err(),
+        "the reservation on a broken key must fail: {b:?}"
+    );
+    assert_eq!(
+        ledger
+            .credit_balance("acct-fine", &bkt)
+            .await
+            .expect("balance"),
+        90
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_reservation_is_one_round_trip() {
     let server = RedisServer::start();
@@ -1197,29 +1310,14 @@ async fn redis_reservation_is_one_round_trip() {
     // Warm the connection, then count the transactions and commands one reservation costs.
     ledger.ping().await.expect("ping");
     let mut conn = raw_connection(&server).await;
-    let before: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .expect("info");
+    let before = command_stats(&mut conn).await;
     reserved(&*ledger, &credits("acct-trip", "t-1", &bkt, 3)).await;
-    let after: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .expect("info");
-    let calls = |stats: &str, name: &str| -> u64 {
-        stats
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    assert_eq!(calls(&after, "multi") - calls(&before, "multi"), 1);
-    assert_eq!(calls(&after, "exec") - calls(&before, "exec"), 1);
-    assert_eq!(calls(&after, "decrby") - calls(&before, "decrby"), 1);
-    assert_eq!(calls(&after, "incrby"), calls(&before, "incrby"));
+    let after = command_stats(&mut conn).await;
+    let calls = |name: &str| command_calls(&after, name) - command_calls(&before, name);
+    assert_eq!(calls("multi"), 1);
+    assert_eq!(calls("exec"), 1);
+    assert_eq!(calls("decrby"), 1);
+    assert_eq!(calls("incrby"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
