@@ -11,15 +11,17 @@
 # through the admin API, and prints:
 #
 #   1. throughput: requests/s, p50, p99, proxy CPU seconds per 1000 requests (utime+stime from
-#      /proc/<pid>/stat), Redis CPU per 1000 requests, and the ratios to the bare passthrough;
-#      rejected requests (402, 401) must leave the upstream's request count unchanged;
+#      /proc/<pid>/stat), Redis CPU per 1000 requests, and the ratios to the bare passthrough,
+#      each case run ROUNDS times interleaved with the others (medians reported); rejected
+#      requests (402, 401) must leave the upstream's request count unchanged; and the latency
+#      the gateway adds to a billed request at light load (LIGHT_CONNS connections);
 #   2. memory per in-flight request: RSS before and during INFLIGHT concurrent connections held
 #      open by a slow upstream (SLOW_MS per response), bare and creditgate;
 #   3. a streamed upload (UPLOAD_MB, application/octet-stream) through both, with peak RSS.
 #
 # Everything it starts is stopped and its temp dir removed on exit (also on Ctrl-C).
-# Knobs (environment): THREADS=2 CONNS=32 WRK_THREADS=1 DURATION=10 WARMUP=2 INFLIGHT=2000
-# SLOW_MS=5000 UPLOAD_MB=50.
+# Knobs (environment): THREADS=2 CONNS=32 WRK_THREADS=1 DURATION=10 WARMUP=2 ROUNDS=3
+# LIGHT_CONNS=1 INFLIGHT=2000 SLOW_MS=5000 UPLOAD_MB=50.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -29,6 +31,8 @@ CONNS=${CONNS:-32}
 WRK_THREADS=${WRK_THREADS:-1}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
+ROUNDS=${ROUNDS:-3}
+LIGHT_CONNS=${LIGHT_CONNS:-1}
 INFLIGHT=${INFLIGHT:-2000}
 SLOW_MS=${SLOW_MS:-5000}
 UPLOAD_MB=${UPLOAD_MB:-50}
@@ -216,8 +220,9 @@ upload "creditgate (credits)" "$CG" "$CG_PID" "$KEY_CREDITS"
 
 # ---------------------------------------------------------------------------------- 1. throughput
 : >"$work/results.tsv"
-run_case() { # label port pid method path key body expect
+run_case() { # label port pid method path key body expect [connections] [results file]
   local label=$1 port=$2 pid=$3 method=$4 path=$5 key=$6 body=$7 expect=$8
+  local conns=${9:-$CONNS} results=${10:-$work/results.tsv}
   local url="http://127.0.0.1:$port$path" code
   local req=(-X "$method")
   [ -n "$key" ] && req+=(-H "Authorization: Bearer $key")
@@ -229,12 +234,12 @@ run_case() { # label port pid method path key body expect
     exit 1
   fi
   local envs=(LOAD_METHOD="$method" LOAD_BODY="$body" LOAD_KEY="$key" LOAD_CTYPE="${body:+$JSON}")
-  env "${envs[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${WARMUP}s" -s "$LUA" "$url" >/dev/null
+  env "${envs[@]}" wrk -t"$WRK_THREADS" -c"$conns" -d"${WARMUP}s" -s "$LUA" "$url" >/dev/null
   local up0 cpu0 rcpu0 up1 cpu1 rcpu1 out
   up0=$(upstream_seen "$BACKEND")
   cpu0=$(cpu_ticks "$pid")
   rcpu0=$(cpu_ticks "$REDIS_PID")
-  out=$(env "${envs[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" -s "$LUA" "$url")
+  out=$(env "${envs[@]}" wrk -t"$WRK_THREADS" -c"$conns" -d"${DURATION}s" -s "$LUA" "$url")
   cpu1=$(cpu_ticks "$pid")
   rcpu1=$(cpu_ticks "$REDIS_PID")
   sleep 0.2
@@ -246,16 +251,25 @@ run_case() { # label port pid method path key body expect
     { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
       printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", label, v["requests"], v["duration_us"],
         v["p50_us"], v["p99_us"], v["non2xx"], v["socket_errors"], pt, rt, up }' \
-    <<<"$line" >>"$work/results.tsv"
-  echo "load: done: $label" >&2
+    <<<"$line" >>"$results"
+  echo "load: done: $label (round $round of $ROUNDS, $conns connections)" >&2
 }
 
-run_case "(a) bare passthrough: POST $RELIGHT" "$BARE" "$BARE_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200
-run_case "(b) creditgate: credits, nano-banana-pro" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200
-run_case "(c) creditgate: pay-per-use, midjourney-v7" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_PPU" "$BODY_PPU" 200
-run_case "(d) creditgate: GET /api/credits/balance" "$CG" "$CG_PID" GET /api/credits/balance "$KEY_CREDITS" "" 200
-run_case "(e) creditgate: 402 no credits, no pay-per-use" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_BROKE" "$BODY_CREDITS" 402
-run_case "(e) creditgate: 401 unknown key" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_BAD" "$BODY_CREDITS" 401
+# Every case once per round, rounds one after the other, so slow spells of a shared machine
+# fall on all cases alike; the report takes the median round of each case.
+: >"$work/light.tsv"
+for round in $(seq 1 "$ROUNDS"); do
+  run_case "(a) bare passthrough: POST $RELIGHT" "$BARE" "$BARE_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200
+  run_case "(b) creditgate: credits, nano-banana-pro" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200
+  run_case "(c) creditgate: pay-per-use, midjourney-v7" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_PPU" "$BODY_PPU" 200
+  run_case "(d) creditgate: GET /api/credits/balance" "$CG" "$CG_PID" GET /api/credits/balance "$KEY_CREDITS" "" 200
+  run_case "(e) creditgate: 402 no credits, no pay-per-use" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_BROKE" "$BODY_CREDITS" 402
+  run_case "(e) creditgate: 401 unknown key" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_BAD" "$BODY_CREDITS" 401
+  # Added latency: the same billed request at light load (LIGHT_CONNS connections, so nothing
+  # queues for a CPU), where the difference of the latencies is what the gateway adds.
+  run_case "bare passthrough" "$BARE" "$BARE_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200 "$LIGHT_CONNS" "$work/light.tsv"
+  run_case "creditgate: credits" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200 "$LIGHT_CONNS" "$work/light.tsv"
+done
 
 # ------------------------------------------------------------------------ 2. memory per in-flight
 start_backend slow "$SLOW" "$SLOW_MS"
@@ -314,25 +328,63 @@ curl -fsS -o /dev/null -H "Authorization: Bearer $KEY_CREDITS" "http://127.0.0.1
 inflight "creditgate (credits)" "$CGS" "$CGS_PID" "$KEY_CREDITS" creditgate-slow
 
 # ------------------------------------------------------------------------------------- the report
+# Per case (in first-seen order): the median round's req/s, p50 and p99 (each its own median),
+# CPU per request over all rounds, and totals. mawk has no asort: a small insertion sort.
+summarise() { # results file
+  awk -F'\t' -v ticks="$TICKS" '
+    function median(list,   n, a, i, j, t) {
+      n = split(list, a, " ")
+      for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+      return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    {
+      if (!($1 in seen)) { seen[$1] = 1; order[++cases] = $1 }
+      rps[$1] = rps[$1] " " $2 / ($3 / 1e6); p50[$1] = p50[$1] " " $4; p99[$1] = p99[$1] " " $5
+      req[$1] += $2; non2xx[$1] += $6; sockerr[$1] += $7; pt[$1] += $8; rt[$1] += $9; up[$1] += $10
+      rounds[$1]++
+    }
+    END {
+      for (i = 1; i <= cases; i++) {
+        c = order[i]
+        printf "%s\t%.0f\t%.0f\t%.0f\t%.4f\t%.4f\t%d\t%d\t%d\t%d\t%d\n", c, median(rps[c]),
+          median(p50[c]), median(p99[c]), (pt[c] / ticks) / req[c] * 1000,
+          (rt[c] / ticks) / req[c] * 1000, req[c], non2xx[c], sockerr[c], up[c], rounds[c]
+      }
+    }' "$1"
+}
+
 echo
-echo "Throughput (wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s, $THREADS proxy threads, $(nproc) CPUs shared by wrk, proxy, upstream and Redis)"
+echo "Throughput (wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s per round, median of $ROUNDS rounds; $THREADS proxy threads, $(nproc) CPUs shared by wrk, proxy, upstream and Redis)"
 echo
-awk -F'\t' -v ticks="$TICKS" '
+summarise "$work/results.tsv" | awk -F'\t' '
   function ms(us) { return sprintf("%.2f ms", us / 1000) }
   {
-    rps = $2 / ($3 / 1e6)
-    cpu = ($2 > 0) ? ($8 / ticks) / $2 * 1000 : 0
-    rcpu = ($2 > 0) ? ($9 / ticks) / $2 * 1000 : 0
-    if (NR == 1) { base_rps = rps; base_cpu = cpu }
+    if (NR == 1) { base_rps = $2; base_cpu = $5 }
     rows[NR] = sprintf("| %s | %.0f | %s | %s | %.4f | %.4f | %.2f | %.2f | %d | %d | %d | %d |",
-      $1, rps, ms($4), ms($5), cpu, rcpu, rps / base_rps, (base_cpu > 0 ? cpu / base_cpu : 0),
-      $2, $6, $7, $10)
+      $1, $2, ms($3), ms($4), $5, $6, $2 / base_rps, (base_cpu > 0 ? $5 / base_cpu : 0),
+      $7, $8, $9, $10)
   }
   END {
     print "| case | req/s | p50 | p99 | proxy CPU s / 1k req | Redis CPU s / 1k req | req/s vs bare | CPU vs bare | requests | non-2xx | socket errors | upstream requests |"
     print "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     for (i = 1; i <= NR; i++) print rows[i]
-  }' "$work/results.tsv"
+  }'
+
+echo
+echo "Added latency at light load (wrk -t1 -c$LIGHT_CONNS -d${DURATION}s per round, median of $ROUNDS rounds; billed credits request)"
+echo
+summarise "$work/light.tsv" | awk -F'\t' '
+  function ms(us) { return sprintf("%.3f ms", us / 1000) }
+  {
+    if (NR == 1) { b50 = $3; b99 = $4 }
+    rows[NR] = sprintf("| %s | %.0f | %s | %s | %s | %s | %d | %d |", $1, $2, ms($3), ms($4),
+      (NR == 1 ? "" : ms($3 - b50)), (NR == 1 ? "" : ms($4 - b99)), $8, $9)
+  }
+  END {
+    print "| proxy | req/s | p50 | p99 | p50 added | p99 added | non-2xx | socket errors |"
+    print "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for (i = 1; i <= NR; i++) print rows[i]
+  }'
 
 echo
 echo "Memory per in-flight request ($INFLIGHT connections, upstream answers after ${SLOW_MS} ms)"
