@@ -4,14 +4,17 @@
 //!
 //! - `reserve+settle` — a 2xx request: one `MULTI/EXEC` to reserve, one to settle.
 //! - `reserve+refund` — a failed upstream: reserve, claim, give back (three round trips).
+//! - `reserve x32 concurrent` — 32 reservations started together, as 32 requests in flight on
+//!   one thread start them: they share `MULTI/EXEC`s (criterion reports reservations/s).
 //!
 //! Each iteration `block_on`s a current-thread runtime, so the numbers include that overhead
 //! (well under a microsecond).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use creditgate::ledger::{
     ChargeMeta, CreditBucket, CreditReservation, Ledger, MemoryLedger, RedisLedger,
@@ -89,6 +92,28 @@ fn bench_ledgers(c: &mut Criterion) {
                     .reserve_credits(&reservation(5_000))
                     .await
                     .expect("reserve")
+            })
+        })
+    });
+    let shared = Arc::new(redis);
+    group.throughput(Throughput::Elements(32));
+    group.bench_function("redis reserve x32 concurrent", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let tasks: Vec<_> = (0..32)
+                    .map(|_| {
+                        let ledger = shared.clone();
+                        tokio::spawn(async move {
+                            ledger
+                                .reserve_credits(&reservation(5_000))
+                                .await
+                                .expect("reserve")
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.expect("task");
+                }
             })
         })
     });
