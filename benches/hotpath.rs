@@ -191,7 +191,8 @@ fn bench_reserve(c: &mut Criterion, rt: &tokio::runtime::Runtime, catalog: &Cata
     let ppu_quote = quote_for(catalog, PPU_BODY);
     // Short-lived records keep the memory ledger's maps small however long the run.
     let settings = ReserveSettings {
-        record_ttl_ms: 50,
+        credit_record_ttl_ms: 50,
+        spend_record_ttl_ms: 50,
         report_to_stripe: false,
     };
     let ok = UpstreamOutcome::Succeeded {

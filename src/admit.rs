@@ -153,9 +153,8 @@ pub async fn admit(
         None => None,
         Some(q) => {
             let settings = ReserveSettings {
-                record_ttl_ms: i64::try_from(gw.config.billing.reservation_ttl_s)
-                    .unwrap_or(i64::MAX / 1000)
-                    .saturating_mul(1000),
+                credit_record_ttl_ms: gw.config.credit_record_ttl_ms(),
+                spend_record_ttl_ms: gw.config.spend_record_ttl_ms(),
                 report_to_stripe: gw.config.stripe.enabled,
             };
             let started = std::time::Instant::now();

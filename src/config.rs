@@ -127,7 +127,10 @@ pub struct BillingConfig {
     pub default_spending_limit_cents: u64,
     /// How long API key lookups are cached per instance; bounds how late a revocation bites.
     pub key_cache_ttl_ms: u64,
-    /// How long a reservation record is kept for settlement and idempotent refunds.
+    /// How long a pay-per-use reservation record is kept: the Stripe reporter reads it (settled,
+    /// refunded) until the charge is reported, also through a long Stripe outage. Credit
+    /// reservation records live only as long as settlement can need them
+    /// ([`Config::credit_record_ttl_ms`]).
     pub reservation_ttl_s: u64,
 }
 
@@ -217,6 +220,27 @@ pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
 }
 
 impl Config {
+    /// How long a credit reservation record is kept: nothing reads it after its request is
+    /// settled, so it lives for the longest request (connect + read timeout) plus ten minutes
+    /// for retried refunds, at least an hour, at most `billing.reservation_ttl_s`. (At 7 days it
+    /// held ~200 bytes of Redis per billed request for a week.)
+    pub fn credit_record_ttl_ms(&self) -> i64 {
+        let longest_request = self
+            .upstream
+            .connect_timeout_ms
+            .saturating_add(self.upstream.read_timeout_ms);
+        let needed = longest_request
+            .saturating_add(10 * 60 * 1000)
+            .max(3600 * 1000);
+        let cap = self.billing.reservation_ttl_s.saturating_mul(1000);
+        i64::try_from(needed.min(cap)).unwrap_or(i64::MAX)
+    }
+
+    /// How long a pay-per-use reservation record is kept (`billing.reservation_ttl_s`).
+    pub fn spend_record_ttl_ms(&self) -> i64 {
+        i64::try_from(self.billing.reservation_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
     /// Reads and validates the file; every problem found is returned together.
     pub fn load(path: &Path) -> Result<Config, Vec<ConfigProblem>> {
         let file = path.display().to_string();
@@ -433,6 +457,28 @@ fn read_section<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credit_records_live_as_long_as_the_longest_request_needs() {
+        let base = "[upstream]\naddress = \"127.0.0.1:9000\"\n";
+        let c = Config::parse("t.toml", base).expect("valid");
+        assert_eq!(c.credit_record_ttl_ms(), 3600 * 1000, "at least an hour");
+        assert_eq!(c.spend_record_ttl_ms(), 7 * 24 * 3600 * 1000);
+        let slow = format!("{base}read_timeout_ms = 7200000\n");
+        let c = Config::parse("t.toml", &slow).expect("valid");
+        assert_eq!(
+            c.credit_record_ttl_ms(),
+            2000 + 7_200_000 + 600_000,
+            "connect + read + 10 min"
+        );
+        let capped = format!("{slow}[billing]\nreservation_ttl_s = 3600\n");
+        let c = Config::parse("t.toml", &capped).expect("valid");
+        assert_eq!(
+            c.credit_record_ttl_ms(),
+            3600 * 1000,
+            "never past reservation_ttl_s"
+        );
+    }
 
     #[test]
     fn a_minimal_file_takes_the_defaults() {

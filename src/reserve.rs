@@ -55,7 +55,8 @@ impl Reservation {
 
 /// Options of one reservation that come from settings, not from the request.
 pub struct ReserveSettings {
-    pub record_ttl_ms: i64,
+    pub credit_record_ttl_ms: i64,
+    pub spend_record_ttl_ms: i64,
     pub report_to_stripe: bool,
 }
 
@@ -91,7 +92,7 @@ pub async fn reserve(
                 bucket,
                 amount: total,
                 meta: meta.clone(),
-                record_ttl_ms: settings.record_ttl_ms,
+                record_ttl_ms: settings.credit_record_ttl_ms,
             };
             if let CreditReserveOutcome::Reserved { remaining } = ledger.reserve_credits(&r).await?
             {
@@ -130,7 +131,7 @@ pub async fn reserve(
                 amount_micro: total.0,
                 meta: meta.clone(),
                 report,
-                record_ttl_ms: settings.record_ttl_ms,
+                record_ttl_ms: settings.spend_record_ttl_ms,
             };
             return match ledger.reserve_spend(&r).await? {
                 SpendReserveOutcome::Reserved { spent_micro } => Ok(Reservation {

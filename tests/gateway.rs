@@ -1030,3 +1030,58 @@ async fn expect_100_continue_is_answered_once_the_request_is_admitted() {
     assert!(last.is_none());
     assert_eq!(e.backend.request_count(), before);
 }
+
+/// A credit reservation record lives as long as settlement can need it (an hour with the default
+/// timeouts); a pay-per-use one for `billing.reservation_ttl_s` (7 days), for the Stripe trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservation_records_expire_after_what_reads_them() {
+    let e = env().await;
+    e.gw.create_account("cr", "pro", false).await;
+    e.gw.create_account_with(json!({
+        "id": "pp", "plan": "pay_per_use", "payPerUse": true, "spendingLimitCents": 10000
+    }))
+    .await;
+    let credit_key = e.gw.create_key("cr").await;
+    let ppu_key = e.gw.create_key("pp").await;
+    let body = json!({"model": "nano-banana-pro"});
+    for key in [&credit_key, &ppu_key] {
+        let r =
+            e.gw.generate(key, "/api/v1/images/relight", body.clone())
+                .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let ids: Vec<String> = e
+        .backend
+        .requests()
+        .iter()
+        .filter_map(|r| r.header("X-Creditgate-Charge-Id").map(str::to_string))
+        .collect();
+    assert_eq!(ids.len(), 2);
+    let mut conn = redis::Client::open(e.redis.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let mut ttl_ms = Vec::new();
+    for (account, id) in [("cr", &ids[0]), ("pp", &ids[1])] {
+        let key = format!("cg:{{a:{account}}}:rsv:{id}");
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("pttl");
+        ttl_ms.push(pttl);
+    }
+    let hour = 3600 * 1000;
+    assert!(
+        ttl_ms[0] > hour - 60_000 && ttl_ms[0] <= hour,
+        "credit record TTL {} ms",
+        ttl_ms[0]
+    );
+    let week = 7 * 24 * hour;
+    assert!(
+        ttl_ms[1] > week - 60_000 && ttl_ms[1] <= week,
+        "pay-per-use record TTL {} ms",
+        ttl_ms[1]
+    );
+}
