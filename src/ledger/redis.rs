@@ -46,8 +46,8 @@
 //! # Shared transactions
 //!
 //! The three hot steps (the two reservations and the settlement claim) go through
-//! `Link::transact`: the transactions that requests on one thread start in the same scheduler
-//! turn are sent as one `MULTI/EXEC`, one write and one reply for all of them. Each one's
+//! `Link::transact`: the transactions that requests start while the flushing task waits for
+//! its turn are sent as one `MULTI/EXEC`, one write and one reply for all of them. Each one's
 //! commands stay atomic and in order, and an error reply reaches only the caller whose command
 //! it was. Under load in `scripts/load.sh` this averaged ~5.7 reservations per transaction and
 //! cut ~5 µs of proxy CPU and ~5 µs of Redis CPU per billed request; an idle gateway pays one
@@ -276,8 +276,8 @@ impl Link {
     }
 
     /// Runs `cmds` as one transaction and answers their replies, in order. Transactions that
-    /// other requests on this thread start before the scheduler comes back to the flushing task
-    /// join the same `MULTI/EXEC`: one round trip, one `MULTI`/`EXEC` pair and one wake-up of
+    /// other requests (on any worker thread) start before the flushing task gets its turn join
+    /// the same `MULTI/EXEC`: one round trip, one `MULTI`/`EXEC` pair and one wake-up of
     /// Redis for all of them. Each caller's commands stay atomic (a bigger transaction is still
     /// one); a command's error reaches only its own caller (errors are kept per reply, as
     /// `MULTI/EXEC` itself does). With nothing else ready the flush runs at once, so an idle
@@ -296,7 +296,7 @@ impl Link {
         if first {
             let link = self.clone();
             tokio::spawn(async move {
-                // Let the requests that are ready on this thread queue theirs first.
+                // Let the requests that are ready to run queue theirs first.
                 tokio::task::yield_now().await;
                 link.flush().await;
             });
