@@ -137,16 +137,14 @@ impl ProxyHttp for CreditGateProxy {
             continue_sent: false,
         };
         let admitted = admit(&self.gw, &mut incoming, &mut ctx.route).await;
-        let continue_sent = incoming.continue_sent;
         match admitted {
             Ok(Admission::Forward(forward)) => {
                 ctx.forward = Some(forward);
-                // Admitted and paid for: now the client may send its body. The upstream is not
-                // asked again (`Expect` is not forwarded).
-                if !continue_sent {
-                    if let Err(e) = incoming.send_continue_if_expected().await {
-                        return Error::e_explain(ErrorType::WriteError, e.to_string());
-                    }
+                // Admitted and paid for: now the client may send its body (if admission did not
+                // read it already). The upstream is not asked again (`Expect` is not forwarded);
+                // a failure here refunds in `logging` like any request that was not served.
+                if let Err(e) = incoming.send_continue_if_expected().await {
+                    return Error::e_explain(ErrorType::WriteError, e.to_string());
                 }
                 Ok(false)
             }
