@@ -13,13 +13,14 @@ use subtle::ConstantTimeEq;
 use crate::apikey::{random_id, ApiKey};
 use crate::entitlement;
 use crate::error::GatewayError;
+use crate::gateway::Gateway;
+use crate::incoming::MAX_API_BODY_BYTES;
 use crate::ledger::{Account, KeyRecord, SubscriptionStatus};
-use crate::limits::{MAX_API_BODY_BYTES, MAX_SPENDING_LIMIT_CENTS};
 use crate::money::MicroUsd;
+use crate::money::MAX_SPENDING_LIMIT_CENTS;
 use crate::period;
 use crate::respond::JsonReply;
 use crate::rules::{self, CreditGrant};
-use crate::state::Gateway;
 
 pub struct AdminApp {
     pub gw: Arc<Gateway>,

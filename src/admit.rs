@@ -9,14 +9,14 @@ use crate::auth::{self, Principal};
 use crate::billing_api::{self, BillingEndpoint};
 use crate::entitlement;
 use crate::error::GatewayError;
+use crate::gateway::Gateway;
 use crate::idempotency::{self, Check};
+use crate::incoming::MAX_API_BODY_BYTES;
 use crate::incoming::{header_str, is_json, IncomingRequest};
-use crate::limits::MAX_API_BODY_BYTES;
 use crate::metrics;
 use crate::reserve::{self, Reservation, ReserveSettings};
 use crate::respond::JsonReply;
 use crate::rules::{self, canonicalize, Catalog, RequestInputs};
-use crate::state::Gateway;
 
 /// Where Stripe delivers webhook events (on the proxy listener, authenticated by signature).
 pub const STRIPE_WEBHOOK_PATH: &str = "/webhooks/stripe";

@@ -8,11 +8,11 @@ use serde_json::{json, Value};
 use crate::auth::Principal;
 use crate::entitlement;
 use crate::error::GatewayError;
+use crate::gateway::Gateway;
 use crate::ledger::Account;
-use crate::limits::MAX_SPENDING_LIMIT_CENTS;
+use crate::money::MAX_SPENDING_LIMIT_CENTS;
 use crate::period;
 use crate::respond::JsonReply;
-use crate::state::Gateway;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BillingEndpoint {

@@ -384,13 +384,10 @@ impl Config {
                 ),
             ));
         }
-        if self.billing.default_spending_limit_cents > crate::limits::MAX_SPENDING_LIMIT_CENTS {
+        if self.billing.default_spending_limit_cents > crate::money::MAX_SPENDING_LIMIT_CENTS {
             p.push((
                 "billing.default_spending_limit_cents".into(),
-                format!(
-                    "must be at most {}",
-                    crate::limits::MAX_SPENDING_LIMIT_CENTS
-                ),
+                format!("must be at most {}", crate::money::MAX_SPENDING_LIMIT_CENTS),
             ));
         }
         if self.billing.key_cache_ttl_ms > 1000 {

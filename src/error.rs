@@ -48,8 +48,6 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("The billing store is unavailable; nothing was charged, retry shortly.")]
     StoreUnavailable(#[from] StoreError),
-    #[error("The rate catalog is not loaded yet.")]
-    CatalogUnavailable,
     #[error("Internal error.")]
     Internal(String),
 }
@@ -73,7 +71,7 @@ impl GatewayError {
             Self::RateLimited(_) => 429,
             Self::Internal(_) => 500,
             Self::UpstreamFailed => 502,
-            Self::StoreUnavailable(_) | Self::CatalogUnavailable => 503,
+            Self::StoreUnavailable(_) => 503,
             Self::UpstreamTimeout => 504,
         }
     }
@@ -97,7 +95,7 @@ impl GatewayError {
             Self::AdminUnauthorized => "unauthorized",
             Self::UpstreamFailed => "upstream_failed",
             Self::UpstreamTimeout => "upstream_timeout",
-            Self::StoreUnavailable(_) | Self::CatalogUnavailable => "store_unavailable",
+            Self::StoreUnavailable(_) => "store_unavailable",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -106,7 +104,7 @@ impl GatewayError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Self::RateLimited(s) => Some((*s).max(1)),
-            Self::StoreUnavailable(_) | Self::CatalogUnavailable => Some(STORE_RETRY_AFTER_S),
+            Self::StoreUnavailable(_) => Some(STORE_RETRY_AFTER_S),
             _ => None,
         }
     }

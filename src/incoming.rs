@@ -7,6 +7,9 @@ use pingora::http::RequestHeader;
 
 use crate::error::GatewayError;
 
+/// Largest JSON body accepted by the billing and admin APIs.
+pub const MAX_API_BODY_BYTES: usize = 4 * 1024;
+
 #[async_trait]
 pub trait IncomingRequest: Send {
     fn header(&self) -> &RequestHeader;

@@ -4,16 +4,14 @@
 
 use std::fmt;
 
-/// A number of credits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Credits(pub u64);
-
 /// An amount of US dollars in millionths of a dollar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct MicroUsd(pub u64);
 
 pub const MICROS_PER_USD: u64 = 1_000_000;
 pub const MICROS_PER_CENT: u64 = 10_000;
+/// The largest monthly spending limit an account may set (CONTRACT §6).
+pub const MAX_SPENDING_LIMIT_CENTS: u64 = 100_000_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MoneyError {
@@ -69,8 +67,9 @@ impl MicroUsd {
             .ok_or_else(overflow)
     }
 
-    pub fn from_cents(cents: u64) -> Option<Self> {
-        cents.checked_mul(MICROS_PER_CENT).map(MicroUsd)
+    /// Whole cents as micro-dollars (saturating: limits are bounded far below overflow).
+    pub fn from_cents(cents: u64) -> Self {
+        MicroUsd(cents.saturating_mul(MICROS_PER_CENT))
     }
 
     /// Whole cents, rounded down.
@@ -93,12 +92,6 @@ impl fmt::Display for MicroUsd {
         }
         let digits = format!("{frac:06}");
         write!(f, "{whole}.{}", digits.trim_end_matches('0'))
-    }
-}
-
-impl fmt::Display for Credits {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
     }
 }
 

@@ -15,15 +15,15 @@ use pingora::{Error, ErrorType, Result};
 use crate::admit::{admit, Admission, Forward};
 use crate::apikey::random_id;
 use crate::error::GatewayError;
+use crate::gateway::Gateway;
 use crate::headers;
 use crate::idempotency;
 use crate::incoming::{expects_continue, SessionRequest};
 use crate::metrics;
-use crate::money::{MicroUsd, MICROS_PER_CENT, MICROS_PER_USD};
+use crate::money::{MicroUsd, MICROS_PER_USD};
 use crate::reserve::{Payment, Reservation};
 use crate::respond::JsonReply;
 use crate::settle::{self, Settlement, UpstreamOutcome};
-use crate::state::Gateway;
 
 pub struct CreditGateProxy {
     pub gw: Arc<Gateway>,
@@ -243,7 +243,9 @@ impl ProxyHttp for CreditGateProxy {
                 response.insert_header("X-Charge-Usd", MicroUsd(s.kept).to_string())?;
                 response.insert_header(
                     "X-Spend-Remaining-Cents",
-                    (limit.0.saturating_sub(spent_after) / MICROS_PER_CENT).to_string(),
+                    MicroUsd(limit.0.saturating_sub(spent_after))
+                        .cents_floor()
+                        .to_string(),
                 )?;
             }
         }

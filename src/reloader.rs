@@ -12,9 +12,9 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
+use crate::gateway::Gateway;
 use crate::metrics;
 use crate::rules::{RuleProblem, RULE_FILES};
-use crate::state::Gateway;
 
 const POLL: Duration = Duration::from_millis(500);
 const JANITOR_EVERY: u32 = 120; // polls, i.e. once a minute

@@ -9,7 +9,7 @@ use crate::ledger::{
     Account, ChargeMeta, CreditReservation, CreditReserveOutcome, Ledger, SpendReservation,
     SpendReserveOutcome, StripeReport,
 };
-use crate::money::{MicroUsd, MICROS_PER_CENT};
+use crate::money::MicroUsd;
 use crate::period;
 use crate::rules::{Catalog, Quote};
 
@@ -115,7 +115,7 @@ pub async fn reserve(
     if account.pay_per_use {
         if let (Some(rate), Some(total)) = (quote.rate_per_unit, quote.usd_total()) {
             meta.unit_amount = rate.0;
-            let limit = MicroUsd(account.spending_limit_cents.saturating_mul(MICROS_PER_CENT));
+            let limit = MicroUsd::from_cents(account.spending_limit_cents);
             let report = match (&account.stripe_customer_id, settings.report_to_stripe) {
                 (Some(customer), true) => Some(StripeReport {
                     customer_id: customer.clone(),

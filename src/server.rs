@@ -14,12 +14,12 @@ use pingora::services::listening::Service;
 use crate::admin_api::AdminApp;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, StoreBackend};
+use crate::gateway::Gateway;
 use crate::ledger::{Ledger, MemoryLedger, RedisLedger};
 use crate::live_catalog::LiveCatalog;
 use crate::metrics::{self, MetricsApp};
 use crate::proxy::CreditGateProxy;
 use crate::reloader::Reloader;
-use crate::state::Gateway;
 use crate::stripe::StripeReporter;
 
 /// Why the gateway could not start.

@@ -13,12 +13,12 @@ use creditgate::clock::{Clock, FakeClock, SharedClock, SystemClock};
 use creditgate::config::Config;
 use creditgate::entitlement;
 use creditgate::error::GatewayError;
+use creditgate::gateway::Gateway;
 use creditgate::ledger::{
     Account, Ledger, MemoryLedger, RedisLedger, StripeEventClaim, SubscriptionStatus,
 };
 use creditgate::live_catalog::LiveCatalog;
 use creditgate::respond::JsonReply;
-use creditgate::state::Gateway;
 use creditgate::stripe::signature::sign_header;
 use creditgate::stripe::webhook;
 use serde_json::{json, Value};

@@ -36,11 +36,11 @@ use super::metrics;
 use super::signature::{self, SignatureError};
 use crate::entitlement;
 use crate::error::GatewayError;
+use crate::gateway::Gateway;
 use crate::ledger::{Account, StripeEventClaim, SubscriptionStatus};
 use crate::plan_change;
 use crate::respond::JsonReply;
 use crate::rules::{Catalog, CreditGrant};
-use crate::state::Gateway;
 
 /// How long one delivery holds an event while applying it.
 pub const EVENT_LEASE_MS: i64 = 60_000;
