@@ -3,6 +3,10 @@
 //! `MULTI/EXEC` transactions and apply-then-compensate (no `EVAL`, no `FUNCTION`, no `WATCH`).
 //! The key layout is in [`schema`](super::schema).
 //!
+//! Files: this one maps each [`Ledger`] step onto commands; [`link`] is the connection and its
+//! shared transactions; [`repair`] retries second steps that failed (guarded, exactly once);
+//! [`records`] encodes and decodes the stored hashes and JSON.
+//!
 //! # Connection
 //!
 //! [`RedisLedger::new`] only parses the URL (`redis://`, `rediss://` when the redis crate is
@@ -17,8 +21,7 @@
 //! The manager's reconnect task runs on the runtime of the call that noticed the broken
 //! connection, so a ledger may be shared by several runtimes: if the runtime that first
 //! connected shuts down, the next call fails once and the one after reconnects. (One connection
-//! per thread was tried: with shared transactions below it measured no faster, and every
-//! thread's connection then failed its own first call after an outage.)
+//! per thread was tried and not kept; the README's performance section says why.)
 //!
 //! # Steps (round trips on the success path)
 //!
@@ -49,9 +52,8 @@
 //! `Link::transact`: the transactions that requests start while the flushing task waits for
 //! its turn are sent as one `MULTI/EXEC`, one write and one reply for all of them. Each one's
 //! commands stay atomic and in order, and an error reply reaches only the caller whose command
-//! it was. Under load in `scripts/load.sh` this averaged ~5.7 reservations per transaction and
-//! cut ~5 µs of proxy CPU and ~5 µs of Redis CPU per billed request; an idle gateway pays one
-//! task hop (the flushing task yields once so the ready requests can join).
+//! it was (see [`link`]); an idle gateway pays one task hop (the flushing task yields once so the
+//! ready requests can join). What it saves is measured in the README's performance section.
 //!
 //! # Crash and timeout windows
 //!
@@ -77,31 +79,29 @@
 //! single node (or a future split into ordered single-slot steps): `insert_key`/`revoke_key`/
 //! `active_keys` (`cg:key:*`, `cg:keyid:*`) and the `XADD cg:outbox` of `reserve_spend`.
 
+mod link;
+mod records;
+mod repair;
+
 use std::collections::HashMap;
-use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, Value};
-use tokio::sync::{oneshot, OnceCell, Semaphore};
+use tokio::sync::{OnceCell, Semaphore};
 
+use self::link::Link;
+use self::records::{account_fields, parse_account, parse_key, spend_record_fields, to_json};
+use self::repair::{Adjust, Fix, MAX_PENDING_REPAIRS};
 use super::schema::{self, account_field as af, outbox_field as of, rsv_field as rf};
 use super::{
     Account, CreditBucket, CreditReservation, CreditReserveOutcome, IdempotencyClaim, KeyRecord,
     Ledger, SettleOutcome, SpendReservation, SpendReserveOutcome, StoreError, StoreResult,
-    StripeEventClaim, SubscriptionStatus,
+    StripeEventClaim,
 };
 use crate::clock::{Clock, SystemClock};
-
-/// Background repairs (retried compensations and refunds) allowed at once; beyond that they
-/// are logged and dropped rather than piling up without bound during a long outage. A repair
-/// is a sleeping task of a few hundred bytes; a burst of timeouts under load (2,000 requests
-/// arriving at once on a busy 2-CPU box produced 529) must never reach this.
-const MAX_PENDING_REPAIRS: usize = 65_536;
-/// Attempts of one background repair, with backoff from 50 ms doubling to at most 2 s (~30 s).
-const REPAIR_ATTEMPTS: u32 = 20;
 
 /// The Redis ledger.
 pub struct RedisLedger {
@@ -183,11 +183,11 @@ impl RedisLedger {
     }
 }
 
-fn unavailable(e: RedisError) -> StoreError {
+pub(super) fn unavailable(e: RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-fn corrupt(key: &str, detail: impl std::fmt::Display) -> StoreError {
+pub(super) fn corrupt(key: &str, detail: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt {
         key: key.to_string(),
         detail: detail.to_string(),
@@ -195,7 +195,7 @@ fn corrupt(key: &str, detail: impl std::fmt::Display) -> StoreError {
 }
 
 /// Redis integers are signed; amounts beyond `i64::MAX` saturate (and so never fit a balance).
-fn int(v: u64) -> i64 {
+pub(super) fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -237,202 +237,7 @@ fn command(name: &str, key: &str, args: impl redis::ToRedisArgs) -> Cmd {
     c
 }
 
-/// One connection plus the per-call timeout; cheap to clone into background repairs.
-#[derive(Clone)]
-struct Link {
-    conn: ConnectionManager,
-    timeout: Duration,
-    repairs: Arc<Semaphore>,
-    /// Transactions waiting for this connection's next coalesced `MULTI/EXEC`.
-    waiting: Arc<Mutex<Vec<Waiting>>>,
-}
-
-/// One caller's transaction in a coalesced `MULTI/EXEC`: its commands and where its replies go.
-struct Waiting {
-    cmds: Vec<Cmd>,
-    reply: oneshot::Sender<Result<Vec<Value>, String>>,
-}
-
 impl Link {
-    async fn timed<T>(&self, f: impl Future<Output = Result<T, RedisError>>) -> StoreResult<T> {
-        // Pingora's shared 10 ms timer wheel: nothing is registered unless the call is still
-        // pending, and never a wake-up of the runtime's driver per call (as Tokio's timer does).
-        match pingora::time::fast_timeout::fast_timeout(self.timeout, f).await {
-            Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(StoreError::Timeout),
-        }
-    }
-
-    /// One command, one round trip.
-    async fn cmd<T: FromRedisValue>(&self, cmd: &Cmd) -> StoreResult<T> {
-        let mut conn = self.conn.clone();
-        self.timed(cmd.query_async(&mut conn)).await
-    }
-
-    /// One pipeline (a `MULTI/EXEC` when `atomic()`), one round trip.
-    async fn pipe<T: FromRedisValue>(&self, p: &Pipeline) -> StoreResult<T> {
-        let mut conn = self.conn.clone();
-        self.timed(p.query_async(&mut conn)).await
-    }
-
-    /// Runs `cmds` as one transaction and answers their replies, in order. Transactions that
-    /// other requests (on any worker thread) start before the flushing task gets its turn join
-    /// the same `MULTI/EXEC`: one round trip, one `MULTI`/`EXEC` pair and one wake-up of
-    /// Redis for all of them. Each caller's commands stay atomic (a bigger transaction is still
-    /// one); a command's error reaches only its own caller (errors are kept per reply, as
-    /// `MULTI/EXEC` itself does). With nothing else ready the flush runs at once, so an idle
-    /// gateway pays one task hop. Single Redis node only (keys of several accounts share the
-    /// transaction), as the ledger is (`cluster = true` is refused).
-    async fn transact(&self, cmds: Vec<Cmd>) -> StoreResult<Vec<Value>> {
-        let (reply, answer) = oneshot::channel();
-        let first = {
-            let mut waiting = self
-                .waiting
-                .lock()
-                .map_err(|_| StoreError::Unavailable("transaction queue poisoned".into()))?;
-            waiting.push(Waiting { cmds, reply });
-            waiting.len() == 1
-        };
-        if first {
-            let link = self.clone();
-            tokio::spawn(async move {
-                // Let the requests that are ready to run queue theirs first.
-                tokio::task::yield_now().await;
-                link.flush().await;
-            });
-        }
-        match pingora::time::fast_timeout::fast_timeout(self.timeout, answer).await {
-            Ok(Ok(Ok(values))) => Ok(values),
-            Ok(Ok(Err(message))) => Err(StoreError::Unavailable(message)),
-            Ok(Err(_)) => Err(StoreError::Unavailable("transaction dropped".into())),
-            Err(_) => Err(StoreError::Timeout),
-        }
-    }
-
-    /// Sends every waiting transaction as one `MULTI/EXEC` and hands each its replies.
-    async fn flush(&self) {
-        let batch = match self.waiting.lock() {
-            Ok(mut waiting) => std::mem::take(&mut *waiting),
-            Err(_) => return,
-        };
-        let mut p = redis::pipe();
-        p.atomic().ignore_errors();
-        let mut shares = Vec::with_capacity(batch.len());
-        for w in batch {
-            shares.push((w.cmds.len(), w.reply));
-            for c in w.cmds {
-                p.add_command(c);
-            }
-        }
-        let expected = p.len();
-        let failed = |message: String, shares: Vec<(usize, oneshot::Sender<_>)>| {
-            for (_, reply) in shares {
-                let _ = reply.send(Err(message.clone()));
-            }
-        };
-        match self.pipe::<Vec<Value>>(&p).await {
-            Ok(values) if values.len() == expected => {
-                let mut values = values.into_iter();
-                for (n, reply) in shares {
-                    let mine: Vec<Value> = values.by_ref().take(n).collect();
-                    let answer = match mine.iter().find_map(|v| match v {
-                        Value::ServerError(e) => Some(e.to_string()),
-                        _ => None,
-                    }) {
-                        Some(error) => Err(error),
-                        None => Ok(mine),
-                    };
-                    let _ = reply.send(answer);
-                }
-            }
-            Ok(values) => failed(
-                format!(
-                    "EXEC answered {} replies for {expected} commands",
-                    values.len()
-                ),
-                shares,
-            ),
-            Err(e) => failed(e.to_string(), shares),
-        }
-    }
-
-    /// Runs `job` in the background unless too many repairs are pending already.
-    fn spawn_repair<F, Fut>(&self, what: &'static str, job: F)
-    where
-        F: FnOnce(Link) -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let Ok(permit) = self.repairs.clone().try_acquire_owned() else {
-            tracing::error!(what, "too many pending ledger repairs; dropping one");
-            return;
-        };
-        let link = self.clone();
-        tokio::spawn(async move {
-            job(link).await;
-            drop(permit);
-        });
-    }
-
-    /// Applies a guarded fix now; when that fails, keeps retrying it in the background.
-    async fn fix_or_repair(&self, fix: Fix) -> StoreResult<()> {
-        match self.apply_fix(&fix).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                tracing::warn!(error = %e, rsv = %fix.rsv, "ledger fix failed; retrying in background");
-                self.spawn_repair("fix", move |link| async move { link.retry_fix(fix).await });
-                Err(e)
-            }
-        }
-    }
-
-    async fn apply_fix(&self, fix: &Fix) -> StoreResult<()> {
-        let (count,): (i64,) = self.pipe(&fix.pipeline()).await?;
-        if count > 1 {
-            tracing::error!(rsv = %fix.rsv, marker = fix.marker, count,
-                "ledger fix applied more than once (an earlier attempt landed late)");
-        }
-        Ok(())
-    }
-
-    async fn retry_fix(self, fix: Fix) {
-        for attempt in 0..REPAIR_ATTEMPTS {
-            tokio::time::sleep(backoff(attempt)).await;
-            // An attempt whose answer was lost may have landed: the marker says so.
-            let marker: StoreResult<Option<i64>> = self
-                .cmd(redis::cmd("HGET").arg(&fix.rsv).arg(fix.marker))
-                .await;
-            match marker {
-                Ok(Some(_)) => return,
-                Ok(None) => {
-                    if self.apply_fix(&fix).await.is_ok() {
-                        return;
-                    }
-                }
-                Err(_) => {}
-            }
-        }
-        tracing::error!(rsv = %fix.rsv, marker = fix.marker, "ledger fix abandoned after retries");
-    }
-
-    /// Gives back a reservation whose outcome is unknown, in the background.
-    fn void_unknown(&self, account_id: &str, reservation_id: &str, amount: u64) {
-        let account_id = account_id.to_string();
-        let reservation_id = reservation_id.to_string();
-        self.spawn_repair("void", move |link| async move {
-            for attempt in 0..REPAIR_ATTEMPTS {
-                tokio::time::sleep(backoff(attempt)).await;
-                if link
-                    .settle(&account_id, &reservation_id, amount)
-                    .await
-                    .is_ok()
-                {
-                    return;
-                }
-            }
-            tracing::error!(rsv = %reservation_id, "unknown reservation outcome not voided");
-        });
-    }
-
     async fn settle(
         &self,
         account_id: &str,
@@ -509,154 +314,6 @@ impl Link {
         self.fix_or_repair(fix).await?;
         Ok(SettleOutcome::Settled)
     }
-}
-
-fn backoff(attempt: u32) -> Duration {
-    let ms = 50u64.saturating_mul(1u64 << attempt.min(10)).min(2_000);
-    Duration::from_millis(ms)
-}
-
-/// A money change that must happen exactly once.
-enum Adjust {
-    /// Give credits back to a bucket (re-applying its expiry, so a bucket that expired in the
-    /// meantime is not resurrected at the refund alone).
-    Credits {
-        bal: String,
-        amount: u64,
-        expires_at_ms: Option<i64>,
-    },
-    /// Take spend back.
-    Spend { spend: String, amount: u64 },
-}
-
-/// A guarded second step: the money change plus `HINCRBY rsv <marker> 1` in one transaction.
-struct Fix {
-    rsv: String,
-    marker: &'static str,
-    adjust: Adjust,
-    fields: Vec<(&'static str, String)>,
-    rsv_ttl_ms: Option<i64>,
-    xdel: Option<String>,
-}
-
-impl Fix {
-    /// Answers one value: the marker count after this application.
-    fn pipeline(&self) -> Pipeline {
-        let mut p = redis::pipe();
-        p.atomic();
-        match &self.adjust {
-            Adjust::Credits {
-                bal,
-                amount,
-                expires_at_ms,
-            } => {
-                p.cmd("INCRBY").arg(bal).arg(int(*amount)).ignore();
-                if let Some(exp) = expires_at_ms {
-                    p.cmd("PEXPIREAT").arg(bal).arg(*exp).ignore();
-                }
-            }
-            Adjust::Spend { spend, amount } => {
-                p.cmd("DECRBY").arg(spend).arg(int(*amount)).ignore();
-                p.cmd("PEXPIRE")
-                    .arg(spend)
-                    .arg(schema::SPEND_TTL_MS)
-                    .ignore();
-            }
-        }
-        p.cmd("HINCRBY").arg(&self.rsv).arg(self.marker).arg(1);
-        if !self.fields.is_empty() {
-            p.cmd("HSET").arg(&self.rsv).arg(&self.fields).ignore();
-        }
-        if let Some(ttl) = self.rsv_ttl_ms {
-            p.cmd("PEXPIRE").arg(&self.rsv).arg(ttl).ignore();
-        }
-        if let Some(id) = &self.xdel {
-            p.cmd("XDEL").arg(schema::OUTBOX).arg(id).ignore();
-        }
-        p
-    }
-}
-
-fn account_fields(a: &Account) -> Vec<(&'static str, String)> {
-    vec![
-        (af::ID, a.id.clone()),
-        (af::PLAN, a.plan.clone()),
-        (af::STATUS, a.status.as_str().to_string()),
-        (af::PERIOD_ANCHOR_MS, a.period_anchor_ms.to_string()),
-        (
-            af::PAY_PER_USE,
-            if a.pay_per_use { "1" } else { "0" }.to_string(),
-        ),
-        (af::SPENDING_LIMIT_CENTS, a.spending_limit_cents.to_string()),
-        (
-            af::STRIPE_CUSTOMER_ID,
-            a.stripe_customer_id.clone().unwrap_or_default(),
-        ),
-        (af::CREATED_MS, a.created_ms.to_string()),
-    ]
-}
-
-fn parse_account(key: &str, mut h: HashMap<String, String>) -> StoreResult<Account> {
-    let mut take = |name: &str| {
-        h.remove(name)
-            .ok_or_else(|| corrupt(key, format!("missing field {name}")))
-    };
-    let id = take(af::ID)?;
-    let plan = take(af::PLAN)?;
-    let status_text = take(af::STATUS)?;
-    let status = SubscriptionStatus::parse(&status_text)
-        .ok_or_else(|| corrupt(key, format!("status {status_text:?}")))?;
-    let period_anchor_ms = take(af::PERIOD_ANCHOR_MS)?
-        .parse()
-        .map_err(|e| corrupt(key, format!("{}: {e}", af::PERIOD_ANCHOR_MS)))?;
-    let pay_per_use = take(af::PAY_PER_USE)? == "1";
-    let spending_limit_cents = take(af::SPENDING_LIMIT_CENTS)?
-        .parse()
-        .map_err(|e| corrupt(key, format!("{}: {e}", af::SPENDING_LIMIT_CENTS)))?;
-    let stripe = take(af::STRIPE_CUSTOMER_ID)?;
-    let created_ms = take(af::CREATED_MS)?
-        .parse()
-        .map_err(|e| corrupt(key, format!("{}: {e}", af::CREATED_MS)))?;
-    Ok(Account {
-        id,
-        plan,
-        status,
-        period_anchor_ms,
-        pay_per_use,
-        spending_limit_cents,
-        stripe_customer_id: (!stripe.is_empty()).then_some(stripe),
-        created_ms,
-    })
-}
-
-fn parse_key(key: &str, json: &str) -> StoreResult<KeyRecord> {
-    serde_json::from_str(json).map_err(|e| corrupt(key, e))
-}
-
-fn to_json(key: &KeyRecord) -> StoreResult<String> {
-    serde_json::to_string(key).map_err(|e| corrupt(&schema::key_id(&key.id), e))
-}
-
-/// The fields of a pay-per-use reservation record: what settlement reads plus what was priced
-/// and reported (kept for an operator tracing a Stripe charge back to its request).
-fn spend_record_fields(
-    account_id: &str,
-    bucket: &str,
-    amount: u64,
-    meta: &super::ChargeMeta,
-) -> Vec<(&'static str, String)> {
-    vec![
-        (rf::KIND, schema::KIND_SPEND.to_string()),
-        (rf::ACCOUNT, account_id.to_string()),
-        (rf::BUCKET, bucket.to_string()),
-        (rf::AMOUNT, amount.to_string()),
-        (rf::OPERATION, meta.operation.clone()),
-        (rf::MODEL, meta.model.clone()),
-        (rf::QUANTITY, meta.quantity.to_string()),
-        (rf::UNIT_AMOUNT, meta.unit_amount.to_string()),
-        (rf::CATALOG_VERSION, meta.catalog_version.to_string()),
-        (rf::CREATED_MS, meta.created_ms.to_string()),
-    ]
 }
 
 #[async_trait]
