@@ -1,7 +1,8 @@
-//! Admission, the heart of `request_filter`: canonical path → billing endpoint (answered here) or
-//! route rule → authenticate → rate limit → read the JSON body if the rule needs it → quote →
-//! reserve. A plain async function over the request and the shared state, so it is tested
-//! without a Pingora session. Anything that is not admitted is never proxied.
+//! Admission, the heart of `request_filter`: canonical path → the Stripe webhook or a billing
+//! endpoint (both answered here) or a route rule → authenticate → rate limit → read the JSON body
+//! if the rule needs it → quote → `Idempotency-Key` → reserve. Plain async functions over the
+//! request ([`IncomingRequest`]) and the shared [`Gateway`], so it is tested without a Pingora
+//! session (`tests/admit.rs`). Anything that is not admitted is never proxied.
 
 use std::sync::Arc;
 
@@ -43,6 +44,7 @@ pub struct Forward {
     pub idempotency: Option<idempotency::Ticket>,
 }
 
+/// Decides what to do with a request: the Stripe webhook, a billing endpoint, or a priced route.
 /// `route_label` is set to the matched route's label as soon as it is known, so refusals are
 /// logged and counted under their route too.
 pub async fn admit(
@@ -58,53 +60,88 @@ pub async fn admit(
         .unwrap_or("/");
     let path = canonicalize(raw_target).map_err(|e| GatewayError::AmbiguousPath(e.to_string()))?;
     let method = header.method.as_str().to_string();
-    let catalog = gw.catalog.snapshot();
-    let now_ms = gw.now_ms();
 
     if path.path == STRIPE_WEBHOOK_PATH {
         if method != "POST" {
             return Err(GatewayError::NotFound);
         }
         "POST /webhooks/stripe".clone_into(route_label);
-        let signature = header_str(header, "stripe-signature").map(str::to_string);
-        let body = req.read_body(MAX_WEBHOOK_BODY_BYTES).await?;
-        let reply = crate::stripe::webhook::handle(gw, signature.as_deref(), &body).await?;
-        return Ok(Admission::Reply(reply));
+        return stripe_webhook(gw, req).await;
     }
-
+    let catalog = gw.catalog.snapshot();
     if BillingEndpoint::owns_path(&path.path) {
         let endpoint = BillingEndpoint::find(&method, &path.path).ok_or(GatewayError::NotFound)?;
         endpoint.label().clone_into(route_label);
-        let principal =
-            auth::authenticate(header, &gw.keys, gw.ledger.as_ref(), &catalog, now_ms).await?;
-        let body = if endpoint == BillingEndpoint::SetSpendingLimit {
-            Some(
-                req.read_body(MAX_API_BODY_BYTES)
-                    .await
-                    .map_err(|e| match e {
-                        GatewayError::PayloadTooLarge(_) => GatewayError::InvalidRequest(
-                            "The body must be at most 4 KiB.".to_string(),
-                        ),
-                        other => other,
-                    })?,
-            )
-        } else {
-            None
-        };
-        let reply = billing_api::answer(gw, &principal, endpoint, body).await?;
-        return Ok(Admission::Reply(reply));
+        return billing_endpoint(gw, req, &catalog, endpoint).await;
     }
-
     let route = catalog
         .match_route(&method, &path)
         .ok_or(GatewayError::NotFound)?;
     route.label().clone_into(route_label);
+    priced_route(gw, req, &catalog, &route, &method, &path).await
+}
+
+/// `POST /webhooks/stripe`: authenticated by its signature, answered here.
+async fn stripe_webhook(
+    gw: &Gateway,
+    req: &mut dyn IncomingRequest,
+) -> Result<Admission, GatewayError> {
+    let signature = header_str(req.header(), "stripe-signature").map(str::to_string);
+    let body = req.read_body(MAX_WEBHOOK_BODY_BYTES).await?;
+    let reply = crate::stripe::webhook::handle(gw, signature.as_deref(), &body).await?;
+    Ok(Admission::Reply(reply))
+}
+
+/// A billing endpoint: authenticated by API key, answered here, never proxied.
+async fn billing_endpoint(
+    gw: &Gateway,
+    req: &mut dyn IncomingRequest,
+    catalog: &Arc<Catalog>,
+    endpoint: BillingEndpoint,
+) -> Result<Admission, GatewayError> {
+    let principal = auth::authenticate(
+        req.header(),
+        &gw.keys,
+        gw.ledger.as_ref(),
+        catalog,
+        gw.now_ms(),
+    )
+    .await?;
+    let body = if endpoint == BillingEndpoint::SetSpendingLimit {
+        let body = req
+            .read_body(MAX_API_BODY_BYTES)
+            .await
+            .map_err(|e| match e {
+                GatewayError::PayloadTooLarge(_) => {
+                    GatewayError::InvalidRequest("The body must be at most 4 KiB.".to_string())
+                }
+                other => other,
+            })?;
+        Some(body)
+    } else {
+        None
+    };
+    let reply = billing_api::answer(gw, &principal, endpoint, body).await?;
+    Ok(Admission::Reply(reply))
+}
+
+/// A route rule: authenticate → rate limit → read the JSON body if the rule prices from it →
+/// quote → claim the `Idempotency-Key` → reserve. Only an admitted request is forwarded.
+async fn priced_route(
+    gw: &Gateway,
+    req: &mut dyn IncomingRequest,
+    catalog: &Arc<Catalog>,
+    route: &rules::RouteMatch<'_>,
+    method: &str,
+    path: &rules::CanonicalPath,
+) -> Result<Admission, GatewayError> {
+    let now_ms = gw.now_ms();
     let principal =
-        auth::authenticate(header, &gw.keys, gw.ledger.as_ref(), &catalog, now_ms).await?;
+        auth::authenticate(req.header(), &gw.keys, gw.ledger.as_ref(), catalog, now_ms).await?;
 
     gw.rate_limits.check(
         &principal.key_id,
-        entitlement::requests_per_minute(&catalog, &principal.account),
+        entitlement::requests_per_minute(catalog, &principal.account),
     )?;
 
     let json_body = if route.needs_json_body() && is_json(req.header()) {
@@ -126,13 +163,13 @@ pub async fn admit(
         let inputs = RequestInputs {
             json_body: json_body.as_ref(),
             header: &lookup,
-            query: &path,
+            query: path,
         };
-        rules::quote(&catalog, &route, &inputs)?
+        rules::quote(catalog, route, &inputs)?
     };
     let mut ticket = None;
     if let (Some(q), Some(key)) = (&quote, idempotency::presented(req.header())?) {
-        let fingerprint = idempotency::fingerprint(&method, &path.path, q);
+        let fingerprint = idempotency::fingerprint(method, &path.path, q);
         let up = &gw.config.upstream;
         let lease_ms =
             i64::try_from(up.connect_timeout_ms + up.read_timeout_ms + 60_000).unwrap_or(i64::MAX);
@@ -151,39 +188,17 @@ pub async fn admit(
     }
     let reservation = match quote {
         None => None,
-        Some(q) => {
-            let settings = ReserveSettings {
-                credit_record_ttl_ms: gw.config.credit_record_ttl_ms(),
-                spend_record_ttl_ms: gw.config.spend_record_ttl_ms(),
-                report_to_stripe: gw.config.stripe.enabled,
-            };
-            let started = std::time::Instant::now();
-            let reserved = reserve::reserve(
-                gw.ledger.as_ref(),
-                &catalog,
-                &principal.account,
-                &q,
-                now_ms,
-                &settings,
-            )
-            .await;
-            metrics::observe(
-                &metrics::STORE_LATENCY,
-                &["reserve"],
-                started.elapsed().as_secs_f64(),
-            );
-            match reserved {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    if let Some(t) = &ticket {
-                        // Nothing was charged: the same request may be retried afresh.
-                        let _ = idempotency::release(gw.ledger.as_ref(), &principal.account.id, t)
-                            .await;
-                    }
-                    return Err(e);
+        Some(q) => match reserve_timed(gw, catalog, &principal, &q, now_ms).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                if let Some(t) = &ticket {
+                    // Nothing was charged: the same request may be retried afresh.
+                    let _ =
+                        idempotency::release(gw.ledger.as_ref(), &principal.account.id, t).await;
                 }
+                return Err(e);
             }
-        }
+        },
     };
     let upstream_path = match &path.query {
         Some(q) => format!("{}?{}", path.path, q),
@@ -196,6 +211,37 @@ pub async fn admit(
         reservation,
         idempotency: ticket,
     })))
+}
+
+/// [`reserve::reserve`] with the settings from the config, timed into the store histogram.
+async fn reserve_timed(
+    gw: &Gateway,
+    catalog: &Catalog,
+    principal: &Principal,
+    quote: &rules::Quote,
+    now_ms: i64,
+) -> Result<Reservation, GatewayError> {
+    let settings = ReserveSettings {
+        credit_record_ttl_ms: gw.config.credit_record_ttl_ms(),
+        spend_record_ttl_ms: gw.config.spend_record_ttl_ms(),
+        report_to_stripe: gw.config.stripe.enabled,
+    };
+    let started = std::time::Instant::now();
+    let reserved = reserve::reserve(
+        gw.ledger.as_ref(),
+        catalog,
+        &principal.account,
+        quote,
+        now_ms,
+        &settings,
+    )
+    .await;
+    metrics::observe(
+        &metrics::STORE_LATENCY,
+        &["reserve"],
+        started.elapsed().as_secs_f64(),
+    );
+    reserved
 }
 
 /// A header the route prices from must appear at most once: a backend reading the last copy

@@ -56,6 +56,26 @@ pub enum GatewayError {
 pub const STORE_RETRY_AFTER_S: u64 = 1;
 
 impl GatewayError {
+    /// What a failed proxy exchange means to the client: a timeout, a body over the inspected
+    /// limit (`max_json_body_bytes`), a client that could not be read, or a failed upstream.
+    pub fn from_proxy_failure(e: &pingora::Error, max_json_body_bytes: usize) -> Self {
+        use pingora::ErrorType;
+        match e.etype() {
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                Self::UpstreamTimeout
+            }
+            ErrorType::HTTPStatus(413) => Self::PayloadTooLarge(max_json_body_bytes),
+            _ => match e.esource() {
+                pingora::ErrorSource::Downstream => {
+                    Self::InvalidRequest("The request could not be read.".to_string())
+                }
+                _ => Self::UpstreamFailed,
+            },
+        }
+    }
+}
+
+impl GatewayError {
     pub fn status(&self) -> u16 {
         match self {
             Self::InvalidRequest(_) | Self::AmbiguousPath(_) | Self::Quote(_) => 400,

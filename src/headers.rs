@@ -9,8 +9,47 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::Result;
 
 use crate::admit::Forward;
+use crate::money::MicroUsd;
+use crate::reserve::{Payment, Reservation};
+use crate::settle::Settlement;
 
 pub const IMAGES_GENERATED: &str = "x-images-generated";
+
+/// The billing headers of a response: set by the gateway alone (an upstream's are removed), and
+/// kept with an `Idempotency-Key`'s record to be replayed.
+pub const BILLING_HEADERS: [&str; 4] = [
+    "X-Credits-Charged",
+    "X-Credits-Remaining",
+    "X-Charge-Usd",
+    "X-Spend-Remaining-Cents",
+];
+
+/// What the client is told a request cost, once its settlement is decided: credits charged and
+/// left, or the pay-per-use charge and the cents left under the monthly limit. The one formula
+/// for delivered responses and for failures (a failure's settlement refunds everything).
+pub fn billing_headers(reservation: &Reservation, s: Settlement) -> [(&'static str, String); 2] {
+    match reservation.payment {
+        Payment::Credits { remaining, .. } => [
+            (BILLING_HEADERS[0], s.kept.to_string()),
+            (
+                BILLING_HEADERS[1],
+                remaining.saturating_add(s.refunded).to_string(),
+            ),
+        ],
+        Payment::Spend { spent, limit, .. } => {
+            let spent_after = spent.0.saturating_sub(s.refunded);
+            [
+                (BILLING_HEADERS[2], MicroUsd(s.kept).to_string()),
+                (
+                    BILLING_HEADERS[3],
+                    MicroUsd(limit.0.saturating_sub(spent_after))
+                        .cents_floor()
+                        .to_string(),
+                ),
+            ]
+        }
+    }
+}
 
 /// `name` as the `http` crate stores it (lower case).
 fn is_gateway_owned(name: &str) -> bool {
@@ -68,16 +107,10 @@ pub fn prepare_upstream_request(
     Ok(())
 }
 
-/// Billing headers on a response are the gateway's alone.
+/// Billing headers (and the request id) on a response are the gateway's alone.
 pub fn strip_billing_headers(response: &mut ResponseHeader) {
-    for name in [
-        "x-credits-charged",
-        "x-credits-remaining",
-        "x-charge-usd",
-        "x-spend-remaining-cents",
-        "x-request-id",
-    ] {
-        response.remove_header(name);
+    for name in BILLING_HEADERS.iter().chain(&["X-Request-Id"]) {
+        response.remove_header(*name);
     }
 }
 

@@ -5,10 +5,12 @@
 //! or failed (and so refunded), the key is released and a retry runs afresh. Called by `admit`
 //! before reserving and by the proxy's `logging` once the outcome is known.
 
+use pingora::http::ResponseHeader;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::GatewayError;
+use crate::headers::BILLING_HEADERS;
 use crate::ledger::{IdempotencyClaim, Ledger};
 use crate::respond::JsonReply;
 use crate::rules::Quote;
@@ -17,13 +19,8 @@ use crate::rules::Quote;
 pub const KEEP_MS: i64 = 24 * 3600 * 1000;
 /// The largest response body kept for replay; larger ones replay without a body.
 pub const MAX_REPLAY_BODY: usize = 64 * 1024;
-/// Response headers replayed with the body.
-const REPLAYED_HEADERS: [&str; 4] = [
-    "X-Credits-Charged",
-    "X-Credits-Remaining",
-    "X-Charge-Usd",
-    "X-Spend-Remaining-Cents",
-];
+/// Response headers replayed with the body: the billing headers.
+const REPLAYED_HEADERS: [&str; 4] = BILLING_HEADERS;
 
 /// A claimed key: this request runs, and must finish or release it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,9 +176,72 @@ pub async fn release(
     Ok(())
 }
 
-/// Which response headers a finished record keeps.
-pub fn is_replayed_header(name: &str) -> bool {
-    REPLAYED_HEADERS
-        .iter()
-        .any(|h| h.eq_ignore_ascii_case(name))
+/// A response as the client got it, kept while its `Idempotency-Key` may replay it: the status,
+/// the billing headers and the body up to [`MAX_REPLAY_BODY`].
+#[derive(Debug, Default)]
+pub struct Capture {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    overflow: bool,
+}
+
+impl Capture {
+    /// Starts from the response header the client is sent.
+    pub fn of(response: &ResponseHeader) -> Self {
+        let headers = response
+            .headers
+            .iter()
+            .filter(|(name, _)| {
+                REPLAYED_HEADERS
+                    .iter()
+                    .any(|h| h.eq_ignore_ascii_case(name.as_str()))
+            })
+            .filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_string())))
+            .collect();
+        Self {
+            status: response.status.as_u16(),
+            headers,
+            ..Self::default()
+        }
+    }
+
+    /// Adds a body chunk; past [`MAX_REPLAY_BODY`] the replay goes without a body.
+    pub fn push_body(&mut self, chunk: &[u8]) {
+        if self.body.len() + chunk.len() <= MAX_REPLAY_BODY {
+            self.body.extend_from_slice(chunk);
+        } else {
+            self.overflow = true;
+        }
+    }
+}
+
+/// Once the outcome is known: keeps a delivered response for replay, or releases the key of a
+/// request that failed (and so was refunded). A store failure is logged: the key then lapses
+/// with its lease.
+pub async fn conclude(
+    ledger: &dyn Ledger,
+    account_id: &str,
+    ticket: &Ticket,
+    delivered: Option<Capture>,
+    request_id: &str,
+) {
+    let result = match delivered {
+        Some(capture) => {
+            let body = (!capture.overflow).then_some(capture.body.as_slice());
+            finish(
+                ledger,
+                account_id,
+                ticket,
+                capture.status,
+                capture.headers,
+                body,
+            )
+            .await
+        }
+        None => release(ledger, account_id, ticket).await,
+    };
+    if let Err(e) = result {
+        tracing::warn!(request_id = %request_id, error = %e, "idempotency record not written");
+    }
 }

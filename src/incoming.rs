@@ -1,5 +1,6 @@
 //! The part of an incoming request that admission reads: its header and, on demand, its body
-//! (bounded). The proxy implements it over a Pingora session; tests over plain values.
+//! (bounded). The proxy implements it over a Pingora session; tests over plain values
+//! ([`BufferedRequest`]). Also what the proxy does with a body it will not forward.
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -112,4 +113,30 @@ pub fn is_json(header: &RequestHeader) -> bool {
         mime.eq_ignore_ascii_case("application/json")
             || (mime.len() > 5 && mime[mime.len() - 5..].eq_ignore_ascii_case("+json"))
     })
+}
+
+/// Largest unread request body read and dropped so a refused client keeps its connection.
+const DRAIN_LIMIT: usize = 64 * 1024;
+
+/// Reads and drops a small declared-length body (bounded in size and time); `false` when the
+/// body is too large, chunked, slow or broken — then the connection is not reused.
+pub async fn drain_small_body(session: &mut pingora::proxy::Session) -> bool {
+    let declared =
+        header_str(session.req_header(), "content-length").and_then(|v| v.parse::<usize>().ok());
+    if declared.is_none_or(|len| len > DRAIN_LIMIT) {
+        return false;
+    }
+    let drain = async {
+        let mut read = 0usize;
+        while let Ok(Some(chunk)) = session.read_request_body().await {
+            read += chunk.len();
+            if read > DRAIN_LIMIT {
+                return false;
+            }
+        }
+        session.as_mut().is_body_done()
+    };
+    tokio::time::timeout(std::time::Duration::from_millis(500), drain)
+        .await
+        .unwrap_or(false)
 }

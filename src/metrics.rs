@@ -106,6 +106,15 @@ pub fn observe(h: &LazyLock<Option<HistogramVec>>, labels: &[&str], seconds: f64
     }
 }
 
+/// Counts a finished request under its route and outcome, and a refusal (a request that got no
+/// upstream answer) under its error code.
+pub fn count_request(route: &str, outcome: &str, refused_with: Option<&str>) {
+    inc(&REQUESTS, &[route, outcome], 1);
+    if let Some(code) = refused_with {
+        inc(&REJECTIONS, &[code], 1);
+    }
+}
+
 pub fn set_catalog_version(version: u64) {
     if let Some(g) = CATALOG_VERSION.as_ref() {
         g.set(i64::try_from(version).unwrap_or(i64::MAX));

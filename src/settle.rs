@@ -1,11 +1,18 @@
 //! Settlement, called from `logging` once the exchange is over: an upstream 2xx keeps the charge
 //! (less the images an `X-Images-Generated` header says were not made); anything else — 4xx, 5xx,
 //! connect failure, timeout, no upstream answer — refunds it. A reservation settles exactly once
-//! (the ledger guards it); a full 2xx on credits needs no store call at all.
+//! (the ledger guards it); a full 2xx on credits needs no store call at all. [`finish`] is the
+//! whole step as the proxy calls it: decide, write (timed, retried, logged), count.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use pingora::http::ResponseHeader;
+
+use crate::headers::IMAGES_GENERATED;
 use crate::ledger::{Ledger, SettleOutcome, StoreError};
+use crate::metrics;
+use crate::money::MICROS_PER_USD;
 use crate::reserve::{Payment, Reservation};
 
 /// How the upstream exchange ended, as far as billing cares.
@@ -15,6 +22,26 @@ pub enum UpstreamOutcome {
     Succeeded { images_generated: Option<u64> },
     /// The upstream answered non-2xx, or never answered.
     Failed,
+}
+
+impl UpstreamOutcome {
+    /// The success test: a 2xx status, with the upstream's `X-Images-Generated` count if any.
+    pub fn from_response(response: &ResponseHeader) -> Self {
+        if !response.status.is_success() {
+            return Self::Failed;
+        }
+        let images_generated = response
+            .headers
+            .get(IMAGES_GENERATED)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        Self::Succeeded { images_generated }
+    }
+
+    /// A request with no upstream answer (never sent, connect failure, timeout) failed.
+    pub fn or_failed(outcome: Option<Self>) -> Self {
+        outcome.unwrap_or(Self::Failed)
+    }
 }
 
 /// What settlement decided.
@@ -74,6 +101,84 @@ pub async fn settle(
                 attempt += 1;
                 tokio::time::sleep(delay).await;
                 delay *= 2;
+            }
+        }
+    }
+}
+
+/// Settles a finished request's reservation and counts what it kept and gave back. A settlement
+/// with nothing to give back on pay-per-use only writes the "settled" mark the Stripe reporter
+/// waits for, so it runs in the background and does not hold the client's keep-alive connection
+/// (lost in a crash, the mark is replaced by the reporter's lease). Store failures are logged
+/// and counted; the reservation then stands as a charge.
+pub async fn finish(
+    ledger: &Arc<dyn Ledger>,
+    reservation: &Reservation,
+    outcome: UpstreamOutcome,
+    request_id: &str,
+) -> Settlement {
+    let s = decide(reservation, outcome);
+    if s.refunded == 0 && matches!(reservation.payment, Payment::Spend { .. }) {
+        let ledger = ledger.clone();
+        let held = reservation.clone();
+        let request_id = request_id.to_string();
+        tokio::spawn(async move { write_logged(ledger.as_ref(), &held, s, &request_id).await });
+    } else {
+        write_logged(ledger.as_ref(), reservation, s, request_id).await;
+    }
+    record(reservation, s);
+    s
+}
+
+/// [`settle`], timed; a failure is logged and counted.
+async fn write_logged(
+    ledger: &dyn Ledger,
+    reservation: &Reservation,
+    s: Settlement,
+    request_id: &str,
+) {
+    let started = Instant::now();
+    let settled = settle(ledger, reservation, s).await;
+    metrics::observe(
+        &metrics::STORE_LATENCY,
+        &["settle"],
+        started.elapsed().as_secs_f64(),
+    );
+    if let Err(err) = settled {
+        metrics::inc(&metrics::SETTLEMENT_FAILURES, &["store"], 1);
+        tracing::error!(
+            request_id = %request_id,
+            reservation = %reservation.id,
+            error = %err,
+            "settlement failed; the reservation stands as a charge"
+        );
+    }
+}
+
+/// Counts what a settled reservation kept and gave back.
+fn record(reservation: &Reservation, s: Settlement) {
+    let meta = &reservation.meta;
+    match reservation.payment {
+        Payment::Credits { .. } => {
+            let labels = [
+                reservation.plan.as_str(),
+                meta.operation.as_str(),
+                meta.model.as_str(),
+            ];
+            metrics::inc(&metrics::CREDITS_CHARGED, &labels, s.kept);
+            if s.refunded > 0 {
+                metrics::inc(&metrics::CREDITS_REFUNDED, &labels, s.refunded);
+            }
+        }
+        Payment::Spend { .. } => {
+            let usd = |micro: u64| micro as f64 / MICROS_PER_USD as f64;
+            metrics::add(&metrics::PPU_SPEND_USD, &[meta.model.as_str()], usd(s.kept));
+            if s.refunded > 0 {
+                metrics::add(
+                    &metrics::PPU_REFUNDED_USD,
+                    &[meta.model.as_str()],
+                    usd(s.refunded),
+                );
             }
         }
     }
