@@ -1,7 +1,7 @@
 //! Decides what the four rules files may contain, structurally: the raw serde shapes of
 //! `plans.toml`, `models.toml`, `operations.toml` and `routes.toml` (unknown keys are refused),
 //! read entry by entry so that every malformed entry is reported, not just the first one of a
-//! file. Meaning (ids, references, amounts) is checked later by `catalog`.
+//! file. Meaning (ids, references, amounts) is checked later by `build`.
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -176,6 +176,17 @@ impl<T> Entry<T> {
         message: impl std::fmt::Display,
     ) -> RuleProblem {
         ctx.problem(self.field(key), message, Some(self.span_of(key)))
+    }
+
+    /// A problem at a nested `field` whose line is that of the entry's key `key`.
+    pub(crate) fn problem_at(
+        &self,
+        ctx: &FileCtx<'_>,
+        field: &str,
+        key: &str,
+        message: impl std::fmt::Display,
+    ) -> RuleProblem {
+        ctx.problem(self.field(field), message, Some(self.span_of(key)))
     }
 }
 

@@ -11,6 +11,7 @@
 //! and reports every problem at once ([`RuleProblem`]); [`render_table`] and [`render_json`]
 //! show the catalog.
 
+mod build;
 mod canonical;
 mod catalog;
 mod decimal;
@@ -77,7 +78,7 @@ pub fn load_dir(dir: &Path) -> Result<Catalog, Vec<RuleProblem>> {
     }
     let [plans, models, operations, routes] = &texts;
     load_texts(
-        catalog::SourceTexts {
+        build::SourceTexts {
             plans: plans.as_deref(),
             models: models.as_deref(),
             operations: operations.as_deref(),
@@ -90,7 +91,7 @@ pub fn load_dir(dir: &Path) -> Result<Catalog, Vec<RuleProblem>> {
 /// Validates the four files' texts (as [`load_dir`] does, without reading files).
 pub fn load_sources(sources: &RuleSources<'_>) -> Result<Catalog, Vec<RuleProblem>> {
     load_texts(
-        catalog::SourceTexts {
+        build::SourceTexts {
             plans: Some(sources.plans),
             models: Some(sources.models),
             operations: Some(sources.operations),
@@ -101,11 +102,11 @@ pub fn load_sources(sources: &RuleSources<'_>) -> Result<Catalog, Vec<RuleProble
 }
 
 fn load_texts(
-    texts: catalog::SourceTexts<'_>,
+    texts: build::SourceTexts<'_>,
     mut problems: Vec<RuleProblem>,
 ) -> Result<Catalog, Vec<RuleProblem>> {
     let fingerprint = fingerprint(&[texts.plans, texts.models, texts.operations, texts.routes]);
-    match catalog::build(&texts, fingerprint, &mut problems) {
+    match build::build_catalog(&texts, fingerprint, &mut problems) {
         Some(c) if problems.is_empty() => Ok(c),
         _ => {
             if problems.is_empty() {
