@@ -26,7 +26,7 @@ pub(super) struct Link {
 /// One caller's transaction in a coalesced `MULTI/EXEC`: its commands and where its replies go.
 pub(super) struct Waiting {
     cmds: Vec<Cmd>,
-    reply: oneshot::Sender<Result<Vec<Value>, String>>,
+    reply: oneshot::Sender<StoreResult<Vec<Value>>>,
 }
 
 impl Link {
@@ -79,7 +79,7 @@ impl Link {
         }
         match pingora::time::fast_timeout::fast_timeout(self.timeout, answer).await {
             Ok(Ok(Ok(values))) => Ok(values),
-            Ok(Ok(Err(message))) => Err(StoreError::Unavailable(message)),
+            Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err(StoreError::Unavailable("transaction dropped".into())),
             Err(_) => Err(StoreError::Timeout),
         }
@@ -101,9 +101,17 @@ impl Link {
             }
         }
         let expected = p.len();
-        let failed = |message: String, shares: Vec<(usize, oneshot::Sender<_>)>| {
+        // Every caller gets the same kind of error: a timed-out flush is a timeout for each.
+        let failed = |e: StoreError, shares: Vec<(usize, oneshot::Sender<_>)>| {
             for (_, reply) in shares {
-                let _ = reply.send(Err(message.clone()));
+                let _ = reply.send(Err(match &e {
+                    StoreError::Timeout => StoreError::Timeout,
+                    StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+                    StoreError::Corrupt { key, detail } => StoreError::Corrupt {
+                        key: key.clone(),
+                        detail: detail.clone(),
+                    },
+                }));
             }
         };
         match self.pipe::<Vec<Value>>(&p).await {
@@ -115,20 +123,20 @@ impl Link {
                         Value::ServerError(e) => Some(e.to_string()),
                         _ => None,
                     }) {
-                        Some(error) => Err(error),
+                        Some(error) => Err(StoreError::Unavailable(error)),
                         None => Ok(mine),
                     };
                     let _ = reply.send(answer);
                 }
             }
             Ok(values) => failed(
-                format!(
+                StoreError::Unavailable(format!(
                     "EXEC answered {} replies for {expected} commands",
                     values.len()
-                ),
+                )),
                 shares,
             ),
-            Err(e) => failed(e.to_string(), shares),
+            Err(e) => failed(e, shares),
         }
     }
 }
