@@ -5,8 +5,8 @@
 //! - `rules/…`: canonicalise the target, match the route, quote a typical image request.
 //! - `auth/…`: find the presented key and hash it (SHA-256); `authenticate` on a key-cache hit
 //!   (what every request pays while its key is cached).
-//! - `reserve/…`: `reserve::reserve` + `settle::settle` on the memory ledger, credits and
-//!   pay-per-use (the ledger's own cost without a network).
+//! - `admit/…`: `admit::admit` (everything `request_filter` does, the memory ledger's
+//!   reservation included) + `settle::finish` for a 2xx, credits and pay-per-use.
 //! - `settle/decide`, `metrics/inc REQUESTS`, `ids/random_id` (one per request and reservation).
 //!
 //! Async steps are driven by a current-thread tokio runtime's `block_on` (well under a
@@ -20,13 +20,19 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use criterion::{criterion_group, criterion_main, Criterion};
 use pingora::http::RequestHeader;
 
+use bytes::Bytes;
+use creditgate::admit::{admit, Admission};
 use creditgate::apikey::{random_id, ApiKey};
 use creditgate::auth::{self, KeyCache};
+use creditgate::clock::{FakeClock, SharedClock};
+use creditgate::config::Config;
 use creditgate::entitlement;
+use creditgate::gateway::Gateway;
+use creditgate::incoming::BufferedRequest;
 use creditgate::ledger::{Account, KeyRecord, Ledger, MemoryLedger, SubscriptionStatus};
+use creditgate::live_catalog::LiveCatalog;
 use creditgate::metrics;
-use creditgate::reserve::{self, ReserveSettings};
-use creditgate::rules::{self, canonicalize, Catalog, Quote, RequestInputs};
+use creditgate::rules::{self, canonicalize, Catalog, RequestInputs};
 use creditgate::settle::{self, UpstreamOutcome};
 
 const TARGET: &str = "/api/v1/images/relight";
@@ -72,22 +78,6 @@ fn account(id: &str, plan: &str, pay_per_use: bool, now: i64) -> Account {
         stripe_customer_id: None,
         created_ms: now,
     }
-}
-
-/// Quotes `body` for the image route, as `admit` does.
-fn quote_for(catalog: &Catalog, body: &[u8]) -> Quote {
-    let json = rules::parse_json_body(body).expect("json");
-    let path = canonicalize(TARGET).expect("path");
-    let m = catalog.match_route("POST", &path).expect("route");
-    let lookup = |_: &str| -> Option<&'static str> { None };
-    let inputs = RequestInputs {
-        json_body: Some(&json),
-        header: &lookup,
-        query: &path,
-    };
-    rules::quote(catalog, &m, &inputs)
-        .expect("priced")
-        .expect("billed")
 }
 
 fn bench_rules(c: &mut Criterion, catalog: &Catalog) {
@@ -170,72 +160,114 @@ fn bench_auth(c: &mut Criterion, rt: &tokio::runtime::Runtime, catalog: &Catalog
     g.finish();
 }
 
-fn bench_reserve(c: &mut Criterion, rt: &tokio::runtime::Runtime, catalog: &Catalog) {
-    let now = now_ms();
-    let ledger = MemoryLedger::new();
-    let credits = account("credits", "business", false, now);
-    let ppu = account("ppu", "pay_per_use", true, now);
+/// A gateway on the shipped rules (with a rate limit no benchmark reaches) and the memory
+/// ledger, with one business account that has credits to spare and one pay-per-use account.
+fn gateway(rt: &tokio::runtime::Runtime, now: i64) -> (Gateway, ApiKey, ApiKey, tempfile::TempDir) {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("lua-free-rules");
+    let rules = tempfile::tempdir().expect("temp dir");
+    for name in [
+        "plans.toml",
+        "models.toml",
+        "operations.toml",
+        "routes.toml",
+    ] {
+        let text = std::fs::read_to_string(shipped.join(name)).expect("shipped rules");
+        let text = text.replace(
+            "requests_per_minute = 3000",
+            "requests_per_minute = 1000000000",
+        );
+        std::fs::write(rules.path().join(name), text).expect("write rules");
+    }
+    let config = Config::parse(
+        "bench.toml",
+        &format!(
+            "[upstream]\naddress = \"127.0.0.1:9\"\n[store]\nbackend = \"memory\"\n[rules]\ndir = {:?}\n",
+            rules.path().display().to_string()
+        ),
+    )
+    .expect("config");
+    let catalog = LiveCatalog::load(rules.path()).expect("rules");
+    let ledger: Arc<dyn Ledger> = Arc::new(MemoryLedger::new());
+    let clock: SharedClock = Arc::new(FakeClock::at(now));
+    let gw = Gateway::new(config, catalog, ledger, clock);
+    let mut keys = Vec::new();
     rt.block_on(async {
-        ledger
-            .create_account(&credits, None)
-            .await
-            .expect("account");
-        ledger.create_account(&ppu, None).await.expect("account");
-        let bucket = entitlement::credit_bucket(catalog, &credits, now).expect("bucket");
-        ledger
-            .grant_credits(&credits.id, &bucket, 1 << 50)
-            .await
-            .expect("grant");
+        for (id, plan, ppu) in [("credits", "business", false), ("ppu", "pay_per_use", true)] {
+            let acct = account(id, plan, ppu, now);
+            gw.ledger
+                .create_account(&acct, None)
+                .await
+                .expect("account");
+            let key = ApiKey::generate();
+            let record = KeyRecord {
+                id: format!("key_{id}"),
+                account_id: acct.id.clone(),
+                prefix: key.display_prefix().to_string(),
+                name: None,
+                created_ms: now,
+                revoked: false,
+            };
+            gw.ledger
+                .insert_key(&key.hash_hex(), &record)
+                .await
+                .expect("key");
+            if let Some(bucket) = entitlement::credit_bucket(&gw.catalog.snapshot(), &acct, now) {
+                gw.ledger
+                    .grant_credits(&acct.id, &bucket, 1 << 50)
+                    .await
+                    .expect("grant");
+            }
+            keys.push(key);
+        }
     });
-    let credit_quote = quote_for(catalog, BODY);
-    let ppu_quote = quote_for(catalog, PPU_BODY);
-    // Short-lived records keep the memory ledger's maps small however long the run.
-    let settings = ReserveSettings {
-        credit_record_ttl_ms: 50,
-        spend_record_ttl_ms: 50,
-        report_to_stripe: false,
-    };
+    let ppu = keys.pop().expect("ppu key");
+    let credits = keys.pop().expect("credits key");
+    (gw, credits, ppu, rules)
+}
+
+/// `admit` as `request_filter` runs it (canonicalise, route, authenticate from the key cache,
+/// rate limit, read and parse the JSON body, quote, reserve on the memory ledger), then
+/// `settle::finish` as `logging` runs it for a 2xx.
+fn bench_admit(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    let now = now_ms();
+    let (gw, credits_key, ppu_key, _rules) = gateway(rt, now);
     let ok = UpstreamOutcome::Succeeded {
         images_generated: None,
     };
+    let admit_once = |key: &ApiKey, body: &'static [u8]| {
+        let mut req = BufferedRequest {
+            header: request(key),
+            body: Bytes::from_static(body),
+        };
+        let mut route = String::new();
+        rt.block_on(admit(&gw, &mut req, &mut route))
+    };
 
-    let mut g = c.benchmark_group("reserve");
-    for (name, acct, quote) in [
+    let mut g = c.benchmark_group("admit");
+    for (name, key, body) in [
+        ("memory: admit + finish (credits, 2xx)", &credits_key, BODY),
         (
-            "memory: reserve + settle (credits, 2xx)",
-            &credits,
-            &credit_quote,
-        ),
-        (
-            "memory: reserve + settle (pay-per-use, 2xx)",
-            &ppu,
-            &ppu_quote,
+            "memory: admit + finish (pay-per-use, 2xx)",
+            &ppu_key,
+            PPU_BODY,
         ),
     ] {
         g.bench_function(name, |b| {
             b.iter(|| {
-                rt.block_on(async {
-                    let r = reserve::reserve(&ledger, catalog, acct, quote, now, &settings)
-                        .await
-                        .expect("reserved");
-                    let s = settle::decide(&r, ok);
-                    settle::settle(&ledger, &r, s).await.expect("settled")
-                })
+                let Ok(Admission::Forward(forward)) = admit_once(key, body) else {
+                    panic!("not admitted");
+                };
+                let reservation = forward.reservation.as_ref().expect("billed");
+                rt.block_on(settle::finish(&gw.ledger, reservation, ok, "req_bench"))
             })
         });
     }
     g.finish();
 
-    let reservation = rt
-        .block_on(reserve::reserve(
-            &ledger,
-            catalog,
-            &credits,
-            &credit_quote,
-            now,
-            &settings,
-        ))
-        .expect("reserved");
+    let Ok(Admission::Forward(forward)) = admit_once(&credits_key, BODY) else {
+        panic!("not admitted");
+    };
+    let reservation = forward.reservation.expect("billed");
     c.bench_function("settle/decide", |b| {
         b.iter(|| {
             settle::decide(
@@ -271,7 +303,7 @@ fn benches(c: &mut Criterion) {
     let catalog = Arc::new(catalog());
     bench_rules(c, &catalog);
     bench_auth(c, &rt, &catalog);
-    bench_reserve(c, &rt, &catalog);
+    bench_admit(c, &rt);
     bench_small(c);
 }
 
