@@ -4,6 +4,8 @@
 
 #[path = "support/fake_stripe.rs"]
 mod fake_stripe;
+#[path = "support/stripe_fixtures.rs"]
+mod stripe_fixtures;
 mod support;
 
 use std::collections::HashSet;
@@ -204,11 +206,18 @@ async fn signed_webhooks_apply_once_and_bad_ones_are_refused() {
     }
     assert_eq!(gw.balance(&key).await, 297);
 
-    let invoice = json!({
-        "id": "evt_invoice_1", "object": "event", "type": "invoice.paid", "created": now_s,
-        "data": {"object": {"id": "in_1", "object": "invoice", "customer": "cus_acme",
-                 "status": "paid", "billing_reason": "subscription_cycle", "period_end": now_s}}
-    })
+    let invoice = stripe_fixtures::event(
+        "evt_invoice_1",
+        "invoice.paid",
+        now_s,
+        stripe_fixtures::paid_invoice(
+            "in_1",
+            "cus_acme",
+            "sub_1",
+            Some("subscription_cycle"),
+            now_s,
+        ),
+    )
     .to_string();
     // Bad, stale and missing signatures change nothing.
     let r = webhook(&gw, &invoice, &format!("t={now_s},v1={}", "0".repeat(64))).await;
@@ -241,13 +250,18 @@ async fn signed_webhooks_apply_once_and_bad_ones_are_refused() {
     assert_eq!(gw.balance(&key).await, 299, "a re-sent event applied twice");
 
     // A deleted subscription stops credit spending.
-    let deleted = json!({
-        "id": "evt_sub_deleted", "object": "event", "type": "customer.subscription.deleted",
-        "created": now_s,
-        "data": {"object": {"id": "sub_1", "object": "subscription", "customer": "cus_acme",
-                 "status": "canceled", "current_period_end": now_s + 86_400,
-                 "items": {"object": "list", "data": []}}}
-    })
+    let deleted = stripe_fixtures::event(
+        "evt_sub_deleted",
+        "customer.subscription.deleted",
+        now_s,
+        stripe_fixtures::subscription(
+            "sub_1",
+            "cus_acme",
+            "canceled",
+            &[("si_1", "price_unmapped")],
+            now_s + 86_400,
+        ),
+    )
     .to_string();
     let r = webhook(&gw, &deleted, &signed(&deleted, now_s)).await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -268,4 +282,122 @@ async fn signed_webhooks_apply_once_and_bad_ones_are_refused() {
     )
     .await;
     assert_eq!(sub.json()["status"], "canceled");
+}
+
+/// `GET /api/subscription`'s status for the key.
+async fn status_of(gw: &GatewayProcess, key: &str) -> String {
+    let r = http::get(
+        gw.proxy,
+        "/api/subscription",
+        &[("Authorization", &format!("Bearer {key}"))],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["status"].as_str().unwrap_or("<none>").to_string()
+}
+
+/// A signed `customer.subscription.updated` from Stripe's fixtures, and its answer.
+async fn subscription_updated(
+    gw: &GatewayProcess,
+    event_id: &str,
+    status: &str,
+    period_end_s: i64,
+) -> http::Response {
+    let now_s = SystemClock.now_ms() / 1000;
+    let body = stripe_fixtures::event(
+        event_id,
+        "customer.subscription.updated",
+        now_s,
+        stripe_fixtures::subscription(
+            "sub_1",
+            "cus_acme",
+            status,
+            &[("si_1", "price_unmapped")],
+            period_end_s,
+        ),
+    )
+    .to_string();
+    webhook(gw, &body, &signed(&body, now_s)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stripe_subscription_status_maps_onto_the_contracts_five() {
+    let redis = RedisServer::start();
+    let backend = DemoBackend::start("127.0.0.1:0").await.unwrap();
+    let stripe = FakeStripe::start().await;
+    let gw = GatewayProcess::start_with(options(&redis, &backend, &stripe)).await;
+    gw.create_account_with(json!({"id": "acme", "plan": "pro", "stripeCustomerId": "cus_acme"}))
+        .await;
+    let key = gw.create_key("acme").await;
+    let end_s = SystemClock.now_ms() / 1000 + 20 * 86_400;
+    // Stripe's 8 (as its schema publishes them) → the contract's 5.
+    let table = [
+        ("active", "active"),
+        ("trialing", "trialing"),
+        ("past_due", "past_due"),
+        ("canceled", "canceled"),
+        ("incomplete", "incomplete"),
+        ("incomplete_expired", "canceled"),
+        ("unpaid", "past_due"),
+        ("paused", "incomplete"),
+    ];
+    let mut published = stripe_fixtures::subscription_statuses();
+    published.sort();
+    let mut mapped: Vec<String> = table.iter().map(|(s, _)| s.to_string()).collect();
+    mapped.sort();
+    assert_eq!(mapped, published);
+    for (i, (stripe_status, want)) in table.iter().enumerate() {
+        let from = if *want == "active" {
+            "trialing"
+        } else {
+            "active"
+        };
+        let r = subscription_updated(&gw, &format!("evt_from_{i}"), from, end_s).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = subscription_updated(&gw, &format!("evt_status_{i}"), stripe_status, end_s).await;
+        assert_eq!(r.status, 200, "{stripe_status}: {}", r.text());
+        assert_eq!(r.json()["result"], "applied", "{stripe_status}");
+        assert_eq!(status_of(&gw, &key).await, *want, "{stripe_status}");
+        // Only the two spending statuses may spend credits.
+        let g = gw
+            .generate(
+                &key,
+                "/api/v1/images/relight",
+                json!({"model": "seedream-4.5"}),
+            )
+            .await;
+        if matches!(*want, "active" | "trialing") {
+            assert_eq!(g.status, 200, "{stripe_status}: {}", g.text());
+        } else {
+            assert_eq!(g.status, 402, "{stripe_status}: {}", g.text());
+            assert_eq!(g.error_code(), "subscription_inactive", "{stripe_status}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_subscription_status_is_refused_and_changes_nothing() {
+    let redis = RedisServer::start();
+    let backend = DemoBackend::start("127.0.0.1:0").await.unwrap();
+    let stripe = FakeStripe::start().await;
+    let gw = GatewayProcess::start_with(options(&redis, &backend, &stripe)).await;
+    gw.create_account_with(json!({"id": "acme", "plan": "pro", "stripeCustomerId": "cus_acme"}))
+        .await;
+    let key = gw.create_key("acme").await;
+    let before = gw.admin("GET", "/admin/accounts/acme", None).await.json();
+    let end_s = SystemClock.now_ms() / 1000 + 20 * 86_400;
+    let r = subscription_updated(&gw, "evt_future", "suspended", end_s).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.error_code(), "invalid_request");
+    assert_eq!(
+        gw.admin("GET", "/admin/accounts/acme", None).await.json(),
+        before,
+        "nothing changed"
+    );
+    assert_eq!(status_of(&gw, &key).await, "active");
+    // Nothing was claimed either: Stripe's retry of the event, with a known status, applies.
+    let r = subscription_updated(&gw, "evt_future", "past_due", end_s).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["result"], "applied");
+    assert_eq!(status_of(&gw, &key).await, "past_due");
 }

@@ -45,11 +45,14 @@ async fn setup() -> Setup {
     let ledger = Arc::new(
         RedisLedger::new(&server.url(), Duration::from_millis(500)).expect("valid redis url"),
     );
+    let clock = Arc::new(FakeClock::at(T0_MS));
+    // The fake judges meter-event timestamps by the clock that stamps the charges.
+    let fake = FakeStripe::start_with_clock(clock.clone()).await;
     Setup {
         server,
         ledger,
-        fake: FakeStripe::start().await,
-        clock: Arc::new(FakeClock::at(T0_MS)),
+        fake,
+        clock,
     }
 }
 

@@ -3,6 +3,8 @@
 //! and period, an upgrade adds the allowance difference, `invoice.paid` resets the period's
 //! credits, and every event id applies once however often Stripe sends it.
 
+#[path = "support/stripe_fixtures.rs"]
+mod stripe_fixtures;
 mod support;
 
 use std::path::Path;
@@ -114,7 +116,9 @@ macro_rules! on_both {
 
 on_both!(
     subscription_events_set_plan_status_and_period,
-    newer_api_versions_put_the_period_end_on_items,
+    older_api_versions_put_the_period_end_on_the_subscription,
+    stripes_fixtures_as_sent_are_read,
+    every_stripe_status_maps_onto_five_and_unknown_ones_are_refused,
     an_upgrade_mid_period_adds_the_difference,
     a_re_anchored_period_keeps_its_balance,
     a_deleted_subscription_cancels,
@@ -171,32 +175,20 @@ async fn set_balance(f: &Fixture, id: &str, value: u64) {
         .expect("store");
 }
 
+/// A signed-to-be event built from Stripe's fixtures (`support/stripe_fixtures.rs`).
 fn event(id: &str, kind: &str, object: Value) -> Vec<u8> {
-    let now_s = SystemClock.now_ms() / 1000;
-    json!({
-        "id": id,
-        "object": "event",
-        "type": kind,
-        "api_version": "2024-06-20",
-        "created": now_s,
-        "data": {"object": object},
-    })
-    .to_string()
-    .into_bytes()
+    stripe_fixtures::event_body(id, kind, SystemClock.now_ms() / 1000, object)
 }
 
+/// Stripe's fixture subscription for [`CUSTOMER`]: a metered item first, then the plan's.
 fn subscription(price: &str, status: &str, period_end_s: i64) -> Value {
-    json!({
-        "id": "sub_1",
-        "object": "subscription",
-        "customer": CUSTOMER,
-        "status": status,
-        "current_period_end": period_end_s,
-        "items": {"object": "list", "data": [
-            {"id": "si_meter", "price": {"id": "price_metered_usage"}},
-            {"id": "si_plan", "price": {"id": price, "object": "price"}},
-        ]},
-    })
+    stripe_fixtures::subscription(
+        "sub_1",
+        CUSTOMER,
+        status,
+        &[("si_meter", "price_metered_usage"), ("si_plan", price)],
+        period_end_s,
+    )
 }
 
 /// Sends a correctly signed delivery.
@@ -248,23 +240,46 @@ async fn subscription_events_set_plan_status_and_period(f: Fixture) {
     );
 }
 
-async fn newer_api_versions_put_the_period_end_on_items(f: Fixture) {
+async fn older_api_versions_put_the_period_end_on_the_subscription(f: Fixture) {
     create(&f, &account(&f, "acme", "starter", Some(CUSTOMER))).await;
     let end_s = (f.clock.now_ms() + 30 * DAY_MS) / 1000;
-    let object = json!({
-        "id": "sub_1",
-        "object": "subscription",
-        "customer": {"id": CUSTOMER, "object": "customer"},
-        "status": "active",
-        "items": {"data": [
-            {"id": "si_plan", "price": {"id": "price_business"}, "current_period_end": end_s},
-        ]},
-    });
-    let body = event("evt_new_api", "customer.subscription.updated", object);
+    // Before the period moved to the items: on the subscription, and the customer expanded.
+    let mut object = subscription("price_business", "active", end_s);
+    object["current_period_end"] = json!(end_s);
+    object["customer"] = json!({"id": CUSTOMER, "object": "customer"});
+    for item in object["items"]["data"].as_array_mut().expect("items") {
+        item.as_object_mut()
+            .expect("an item")
+            .remove("current_period_end");
+    }
+    let body = event("evt_old_api", "customer.subscription.updated", object);
     assert_eq!(result_of(&deliver(&f, &body).await.expect("ok")), "applied");
     let a = stored(&f, "acme").await;
     assert_eq!(a.plan, "business");
     assert_eq!(a.period_anchor_ms, end_s * 1000);
+}
+
+async fn stripes_fixtures_as_sent_are_read(f: Fixture) {
+    // The subscription fixture with only its customer changed: its price is none of the
+    // catalog's, so the plan stays; status and the item's period end are taken.
+    create(&f, &account(&f, "acme", "pro", Some(CUSTOMER))).await;
+    let mut sub = stripe_fixtures::fixture("fixture_subscription.json");
+    sub["customer"] = json!(CUSTOMER);
+    sub["status"] = json!("past_due");
+    let item_end_s = sub["items"]["data"][0]["current_period_end"]
+        .as_i64()
+        .expect("the fixture item has a period end");
+    let body = event("evt_fixture_sub", "customer.subscription.updated", sub);
+    assert_eq!(result_of(&deliver(&f, &body).await.expect("ok")), "applied");
+    let a = stored(&f, "acme").await;
+    assert_eq!(a.plan, "pro");
+    assert_eq!(a.status, SubscriptionStatus::PastDue);
+    assert_eq!(a.period_anchor_ms, item_end_s * 1000);
+    // The event fixture itself (`plan.created`) is acknowledged and ignored.
+    let body = stripe_fixtures::fixture("fixture_event.json")
+        .to_string()
+        .into_bytes();
+    assert_eq!(result_of(&deliver(&f, &body).await.expect("ok")), "ignored");
 }
 
 async fn an_upgrade_mid_period_adds_the_difference(f: Fixture) {
@@ -336,19 +351,15 @@ async fn a_deleted_subscription_cancels(f: Fixture) {
     assert_eq!(stored.plan, "pro");
 }
 
+/// Stripe's fixture invoice, paid, for [`CUSTOMER`]'s subscription.
 fn invoice(reason: Option<&str>) -> Value {
-    let now_s = SystemClock.now_ms() / 1000;
-    let mut object = json!({
-        "id": "in_1",
-        "object": "invoice",
-        "customer": CUSTOMER,
-        "status": "paid",
-        "period_end": now_s,
-    });
-    if let (Some(reason), Some(map)) = (reason, object.as_object_mut()) {
-        map.insert("billing_reason".into(), Value::from(reason));
-    }
-    object
+    stripe_fixtures::paid_invoice(
+        "in_1",
+        CUSTOMER,
+        "sub_1",
+        reason,
+        SystemClock.now_ms() / 1000,
+    )
 }
 
 async fn invoice_paid_resets_the_period_to_the_allowance(f: Fixture) {
@@ -485,7 +496,8 @@ async fn bad_signatures_are_refused_and_change_nothing(f: Fixture) {
 
 async fn unknown_types_and_customers_are_ignored(f: Fixture) {
     create(&f, &account(&f, "acme", "pro", Some(CUSTOMER))).await;
-    let body = event("evt_other", "charge.succeeded", json!({"id": "ch_1"}));
+    let plan = stripe_fixtures::fixture("fixture_event.json")["data"]["object"].clone();
+    let body = event("evt_other", "plan.created", plan);
     assert_eq!(result_of(&deliver(&f, &body).await.expect("ok")), "ignored");
     let mut object = invoice(None);
     object["customer"] = Value::from("cus_nobody");
@@ -503,4 +515,125 @@ async fn unknown_types_and_customers_are_ignored(f: Fixture) {
     let body = event("evt_new_customer", "invoice.paid", object);
     assert_eq!(result_of(&deliver(&f, &body).await.expect("ok")), "applied");
     assert_eq!(balance(&f, "acme").await, 300);
+}
+
+async fn every_stripe_status_maps_onto_five_and_unknown_ones_are_refused(f: Fixture) {
+    let a = account(&f, "acme", "pro", Some(CUSTOMER));
+    let end_s = a.period_anchor_ms / 1000;
+    create(&f, &a).await;
+    let table = [
+        ("active", SubscriptionStatus::Active),
+        ("trialing", SubscriptionStatus::Trialing),
+        ("past_due", SubscriptionStatus::PastDue),
+        ("canceled", SubscriptionStatus::Canceled),
+        ("incomplete", SubscriptionStatus::Incomplete),
+        ("incomplete_expired", SubscriptionStatus::Canceled),
+        ("unpaid", SubscriptionStatus::PastDue),
+        ("paused", SubscriptionStatus::Incomplete),
+    ];
+    let mut published = stripe_fixtures::subscription_statuses();
+    published.sort();
+    let mut mapped: Vec<String> = table.iter().map(|(s, _)| s.to_string()).collect();
+    mapped.sort();
+    assert_eq!(
+        mapped, published,
+        "every status Stripe publishes, and no other"
+    );
+    for (i, (stripe, want)) in table.iter().enumerate() {
+        // From a status other than the expected one, so that each delivery changes something.
+        let from = if *want == SubscriptionStatus::Active {
+            "trialing"
+        } else {
+            "active"
+        };
+        let body = event(
+            &format!("evt_from_{i}"),
+            "customer.subscription.updated",
+            subscription("price_pro", from, end_s),
+        );
+        deliver(&f, &body).await.expect("ok");
+        let body = event(
+            &format!("evt_status_{i}"),
+            "customer.subscription.updated",
+            subscription("price_pro", stripe, end_s),
+        );
+        assert_eq!(
+            result_of(&deliver(&f, &body).await.expect("ok")),
+            "applied",
+            "{stripe}"
+        );
+        assert_eq!(stored(&f, "acme").await.status, *want, "{stripe}");
+    }
+
+    // An unknown status, or none, is refused and claims nothing.
+    let before = stored(&f, "acme").await;
+    let mut no_status = subscription("price_business", "active", end_s);
+    no_status
+        .as_object_mut()
+        .expect("an object")
+        .remove("status");
+    for (id, object) in [
+        (
+            "evt_unknown",
+            subscription("price_business", "frozen", end_s),
+        ),
+        ("evt_no_status", no_status),
+    ] {
+        let body = event(id, "customer.subscription.updated", object);
+        let err = deliver(&f, &body).await.expect_err("refused");
+        assert_eq!(err.status(), 400, "{id}");
+        assert_eq!(err.code(), "invalid_request", "{id}");
+        assert_eq!(stored(&f, "acme").await, before, "{id} changed the account");
+    }
+    // Stripe's retry of the same event id, once the status is known, applies.
+    let body = event(
+        "evt_unknown",
+        "customer.subscription.updated",
+        subscription("price_business", "active", end_s),
+    );
+    assert_eq!(result_of(&deliver(&f, &body).await.expect("ok")), "applied");
+    assert_eq!(stored(&f, "acme").await.plan, "business");
+}
+
+/// The events these tests send keep every field Stripe's published schema requires.
+#[test]
+fn the_built_events_keep_every_field_stripe_requires() {
+    let sub = subscription("price_pro", "active", 1_800_000_000);
+    assert_eq!(
+        stripe_fixtures::missing_required("subscription", &sub),
+        Vec::<String>::new()
+    );
+    for item in sub["items"]["data"].as_array().expect("items") {
+        assert_eq!(
+            stripe_fixtures::missing_required("subscription_item", item),
+            Vec::<String>::new()
+        );
+    }
+    assert_eq!(
+        stripe_fixtures::missing_required("invoice", &invoice(None)),
+        Vec::<String>::new()
+    );
+    // The invoice fixture as published lacks one (its README says so): the check can fail.
+    assert_eq!(
+        stripe_fixtures::missing_required(
+            "invoice",
+            &stripe_fixtures::fixture("fixture_invoice.json")
+        ),
+        vec!["amount_paid_off_stripe".to_string()]
+    );
+    let e: Value =
+        serde_json::from_slice(&event("evt_1", "invoice.paid", invoice(None))).expect("JSON");
+    for field in [
+        "id",
+        "object",
+        "type",
+        "created",
+        "api_version",
+        "livemode",
+        "pending_webhooks",
+        "request",
+    ] {
+        assert!(e.get(field).is_some(), "the envelope has {field}");
+    }
+    assert_eq!(e["data"]["object"]["object"], "invoice");
 }

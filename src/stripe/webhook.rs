@@ -15,16 +15,39 @@
 //! Events:
 //! - `customer.subscription.created|updated|deleted`: plan = the catalog plan of the first
 //!   subscription item whose price id the catalog maps (`stripe_price_ids`; none → plan
-//!   unchanged); status = Stripe's (`incomplete_expired` → `canceled`, `unpaid`/`paused` →
-//!   `past_due`; `deleted` → `canceled`); period end = `current_period_end` of the subscription,
-//!   or of the plan's item in newer API versions, as the account's period anchor. Credits
-//!   first (`carry_credits`: an upgrade mid-period adds the allowance difference, a period
-//!   re-anchored by a few seconds or days keeps its balance), then the account is written and
-//!   the key cache cleared.
+//!   unchanged); status = Stripe's, mapped by the table below (`deleted` → `canceled`); period
+//!   end = `current_period_end` of the plan's item (where the pinned 2026-09-30 API puts it),
+//!   else of any item, else of the subscription itself (older API versions), as the account's
+//!   period anchor. Credits first (`carry_credits`: an upgrade mid-period adds the allowance
+//!   difference, a period re-anchored by a few seconds or days keeps its balance), then the
+//!   account is written and the key cache cleared.
 //! - `invoice.paid` for a subscription period (`billing_reason` absent, `subscription_cycle`,
 //!   `subscription_create` or `subscription`): the credit bucket of the period containing now is
 //!   reset to the plan's allowance. Plan changes (`subscription_update`), manual and threshold
 //!   invoices are not a new period and change nothing.
+//!
+//! Stripe's 8 subscription statuses in the contract's 5 (only `active` and `trialing` may spend
+//! credits, so each mapped status gates requests exactly as its target does):
+//!
+//! | Stripe | account |
+//! | --- | --- |
+//! | `active`, `trialing`, `past_due`, `canceled`, `incomplete` | the same |
+//! | `incomplete_expired` | `canceled` |
+//! | `unpaid` | `past_due` |
+//! | `paused` | `incomplete` |
+//!
+//! - `incomplete_expired`: the first invoice went unpaid for 23 hours and Stripe ended the
+//!   subscription for good; nothing will be billed again.
+//! - `unpaid`: payment retries are exhausted, but the subscription and its open invoices live
+//!   on: money is owed and paying it reactivates, as with `past_due`.
+//! - `paused`: a trial ended without a payment method; no invoice is owed and no payment
+//!   failed, so not `past_due`. It waits, like `incomplete`, for the customer to finish
+//!   setting up payment, and resumes when they do.
+//!
+//! Any other status, or none, is refused with 400 before the customer is looked up or the
+//! event claimed: nothing changes, and Stripe's retries apply the event once the gateway knows
+//! the status, rather than a guess now. (A deleted subscription is `canceled` whatever its
+//! status says.)
 //!
 //! [`plan_change`]: crate::plan_change
 //! [`Ledger::account_by_stripe_customer`]: crate::ledger::Ledger::account_by_stripe_customer
@@ -146,7 +169,18 @@ pub async fn handle(
         .ok_or_else(|| {
             GatewayError::InvalidRequest("The webhook event has no data.object.".into())
         })?;
-    let outcome = match apply(gw, id, kind, object).await {
+    // A subscription's status is checked before anything is claimed or read.
+    let status = match kind {
+        Kind::InvoicePaid => None,
+        _ => match subscription_status(object, kind == Kind::SubscriptionDeleted) {
+            Ok(status) => Some(status),
+            Err(e) => {
+                metrics::webhook(kind.as_str(), "refused");
+                return Err(e);
+            }
+        },
+    };
+    let outcome = match apply(gw, id, kind, object, status).await {
         Ok(outcome) => outcome,
         Err(e) => {
             metrics::webhook(kind.as_str(), "failed");
@@ -177,6 +211,7 @@ async fn apply(
     event_id: &str,
     kind: Kind,
     object: &Value,
+    status: Option<SubscriptionStatus>,
 ) -> Result<Outcome, GatewayError> {
     let Some(customer) = customer_id(object) else {
         return Ok(Outcome::Ignored("no customer on the object"));
@@ -209,7 +244,7 @@ async fn apply(
     let outcome = match kind {
         Kind::InvoicePaid => invoice_paid(gw, &catalog, &account, object, now_ms).await?,
         Kind::SubscriptionCreated | Kind::SubscriptionUpdated | Kind::SubscriptionDeleted => {
-            let change = subscription_change(&catalog, object, kind == Kind::SubscriptionDeleted);
+            let change = subscription_change(&catalog, object, status);
             let new = change.applied_to(&account);
             if new == account {
                 Outcome::Unchanged
@@ -314,7 +349,11 @@ impl SubscriptionChange {
     }
 }
 
-fn subscription_change(catalog: &Catalog, sub: &Value, deleted: bool) -> SubscriptionChange {
+fn subscription_change(
+    catalog: &Catalog,
+    sub: &Value,
+    status: Option<SubscriptionStatus>,
+) -> SubscriptionChange {
     let items: Vec<&Value> = sub
         .get("items")
         .and_then(|i| i.get("data"))
@@ -338,24 +377,15 @@ fn subscription_change(catalog: &Catalog, sub: &Value, deleted: bool) -> Subscri
         Some((plan.id.to_string(), *item))
     });
     let seconds = |v: Option<&Value>| v.and_then(Value::as_i64).filter(|s| *s > 0);
-    let period_end_s = seconds(sub.get("current_period_end"))
-        .or_else(|| {
-            plan_item
-                .as_ref()
-                .and_then(|(_, item)| seconds(item.get("current_period_end")))
-        })
+    let period_end_s = plan_item
+        .as_ref()
+        .and_then(|(_, item)| seconds(item.get("current_period_end")))
         .or_else(|| {
             items
                 .iter()
                 .find_map(|item| seconds(item.get("current_period_end")))
-        });
-    let status = if deleted {
-        Some(SubscriptionStatus::Canceled)
-    } else {
-        sub.get("status")
-            .and_then(Value::as_str)
-            .and_then(stripe_status)
-    };
+        })
+        .or_else(|| seconds(sub.get("current_period_end")));
     SubscriptionChange {
         plan: plan_item.map(|(plan, _)| plan),
         status,
@@ -363,13 +393,34 @@ fn subscription_change(catalog: &Catalog, sub: &Value, deleted: bool) -> Subscri
     }
 }
 
-/// Stripe's subscription statuses in the gateway's five.
+/// Stripe's subscription statuses in the gateway's five (the table in the module doc).
 fn stripe_status(text: &str) -> Option<SubscriptionStatus> {
-    SubscriptionStatus::parse(text).or(match text {
-        "incomplete_expired" => Some(SubscriptionStatus::Canceled),
-        "unpaid" | "paused" => Some(SubscriptionStatus::PastDue),
-        _ => None,
+    Some(match text {
+        "active" => SubscriptionStatus::Active,
+        "trialing" => SubscriptionStatus::Trialing,
+        "past_due" | "unpaid" => SubscriptionStatus::PastDue,
+        "canceled" | "incomplete_expired" => SubscriptionStatus::Canceled,
+        "incomplete" | "paused" => SubscriptionStatus::Incomplete,
+        _ => return None,
     })
+}
+
+/// The account status a subscription event sets: `canceled` for a deleted subscription, else
+/// Stripe's status mapped; an unknown or missing one is a bad request.
+fn subscription_status(sub: &Value, deleted: bool) -> Result<SubscriptionStatus, GatewayError> {
+    if deleted {
+        return Ok(SubscriptionStatus::Canceled);
+    }
+    match sub.get("status").and_then(Value::as_str) {
+        Some(text) => stripe_status(text).ok_or_else(|| {
+            GatewayError::InvalidRequest(format!(
+                "The subscription status {text:?} is not one the gateway knows; nothing was applied."
+            ))
+        }),
+        None => Err(GatewayError::InvalidRequest(
+            "The subscription has no status; nothing was applied.".into(),
+        )),
+    }
 }
 
 async fn invoice_paid(
@@ -429,7 +480,28 @@ mod tests {
             Some(SubscriptionStatus::Canceled)
         );
         assert_eq!(stripe_status("unpaid"), Some(SubscriptionStatus::PastDue));
-        assert_eq!(stripe_status("paused"), Some(SubscriptionStatus::PastDue));
+        assert_eq!(
+            stripe_status("paused"),
+            Some(SubscriptionStatus::Incomplete)
+        );
         assert_eq!(stripe_status("weird"), None);
+        assert_eq!(stripe_status("Active"), None);
+    }
+
+    #[test]
+    fn unknown_or_missing_statuses_are_refused_but_deleted_means_canceled() {
+        let weird = json!({"status": "frozen"});
+        assert_eq!(
+            subscription_status(&weird, false).map_err(|e| e.status()),
+            Err(400)
+        );
+        assert_eq!(
+            subscription_status(&json!({}), false).map_err(|e| e.status()),
+            Err(400)
+        );
+        assert_eq!(
+            subscription_status(&weird, true).map_err(|e| e.status()),
+            Ok(SubscriptionStatus::Canceled)
+        );
     }
 }
