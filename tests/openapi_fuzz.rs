@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -60,7 +60,15 @@ fn check_installed(bin: &PathBuf) {
 }
 
 /// One schemathesis run over the operations with these tags; returns its exit status.
-fn run(bin: &PathBuf, schema_url: &str, base_url: &str, tags: &str, auth: &str) -> bool {
+/// It runs in `workdir`, where it keeps its state (`.schemathesis/`), not in the repository.
+fn run(
+    bin: &PathBuf,
+    workdir: &Path,
+    schema_url: &str,
+    base_url: &str,
+    tags: &str,
+    auth: &str,
+) -> bool {
     let started = Instant::now();
     println!("---- schemathesis: {tags} against {base_url}");
     let status = Command::new(bin)
@@ -78,6 +86,7 @@ fn run(bin: &PathBuf, schema_url: &str, base_url: &str, tags: &str, auth: &str) 
         .args(["--request-timeout", "10"])
         .args(["--generation-database", "none"])
         .args(["--suppress-health-check", "all"])
+        .current_dir(workdir)
         .stdin(Stdio::null())
         .status()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
@@ -110,17 +119,32 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_answer() {
     let schema_url = format!("http://{}/openapi.json", gw.admin);
     let admin = format!("http://{}", gw.admin);
     let proxy = format!("http://{}", gw.proxy);
+    let workdir = gw.dir.path().to_path_buf();
     // Blocking child processes: run them off the runtime's workers.
     let admin_ok = {
-        let (bin, schema_url) = (bin.clone(), schema_url.clone());
+        let (bin, schema_url, workdir) = (bin.clone(), schema_url.clone(), workdir.clone());
         tokio::task::spawn_blocking(move || {
-            run(&bin, &schema_url, &admin, "^(admin|probes)$", ADMIN_TOKEN)
+            run(
+                &bin,
+                &workdir,
+                &schema_url,
+                &admin,
+                "^(admin|probes)$",
+                ADMIN_TOKEN,
+            )
         })
         .await
         .expect("admin run")
     };
     let proxy_ok = tokio::task::spawn_blocking(move || {
-        run(&bin, &schema_url, &proxy, "^(billing|generation)$", &key)
+        run(
+            &bin,
+            &workdir,
+            &schema_url,
+            &proxy,
+            "^(billing|generation)$",
+            &key,
+        )
     })
     .await
     .expect("proxy run");
