@@ -1,6 +1,7 @@
 //! The admin API (CONTRACT §8) on its own listener, guarded by the admin bearer token (compared
 //! in constant time): accounts, plan changes, keys, credit grants, the catalog, and the
-//! `/healthz` + `/readyz` probes. Every bad input is a 400 naming the field; nothing changes then.
+//! `/healthz` + `/readyz` probes, and `GET /openapi.json` (the `openapi` document; like the
+//! probes it needs no token). Every bad input is a 400 naming the field; nothing changes then.
 
 use std::sync::Arc;
 
@@ -38,6 +39,7 @@ impl ServeHttp for AdminApp {
         let reply = match (method.as_str(), path.as_str()) {
             ("GET", "/healthz") => Ok(JsonReply::ok(200, &json!({"status": "ok"}))),
             ("GET", "/readyz") => Ok(self.readyz().await),
+            ("GET", "/openapi.json") => Ok(crate::openapi::reply()),
             _ if !authorized => Err(GatewayError::AdminUnauthorized),
             _ => match read_body(session).await {
                 Ok(body) => self.route(&method, &path, &body).await,

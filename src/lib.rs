@@ -43,6 +43,7 @@ pub mod live_catalog;
 pub mod logging;
 pub mod metrics;
 pub mod money;
+pub mod openapi;
 pub mod period;
 pub mod plan_change;
 pub mod proxy;
