@@ -36,6 +36,7 @@ pub mod entitlement;
 pub mod error;
 pub mod gateway;
 pub mod headers;
+pub mod http_limits;
 pub mod idempotency;
 pub mod incoming;
 pub mod ledger;
