@@ -31,6 +31,7 @@ pub mod billing_api;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod demo_backend;
 pub mod entitlement;
 pub mod error;
