@@ -16,6 +16,10 @@
 //!   count reaches zero after SIGTERM, and at the latest when `server.shutdown_grace_s` ends.
 //!   Pingora itself sleeps the whole grace and then drops the runtimes.
 //!
+//! Responses written after SIGTERM carry `Connection: close` ([`close_if_stopping`]), so
+//! keep-alive clients open a new connection (refused: nothing was sent) instead of having a
+//! follow-up request cut on a connection that closes.
+//!
 //! Only HTTP/1 over plain TCP reaches the proxy listener (no h2c, no TLS), which is all this
 //! loop handles. Called by `server::build_server`.
 
@@ -239,8 +243,7 @@ impl AsyncRead for DeadlineStream {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
             if matches!(self.phase, Phase::Header { .. }) {
-                let new = buf.filled()[before..].to_vec();
-                self.saw(&new);
+                self.saw(&buf.filled()[before..]);
                 // A deadline that has just started must wake this task even if the next read
                 // stays pending: poll it once now.
                 if let Phase::Header {
@@ -353,6 +356,16 @@ impl Peek for DeadlineStream {
     }
 }
 
+/// A response written while the server stops says `Connection: close`: a keep-alive client
+/// would otherwise send its next request on a connection that is about to close unanswered.
+/// (Pingora only stops reuse for requests that *start* after SIGTERM.) Called by the proxy
+/// before each response header.
+pub fn close_if_stopping(session: &mut pingora::proxy::Session) {
+    if session.is_process_shutting_down() {
+        session.set_keepalive(None);
+    }
+}
+
 /// Ends the process once a SIGTERM'd server has no request in flight, or when the grace ends.
 pub struct DrainWatch {
     pub in_flight: InFlight,
@@ -390,5 +403,73 @@ impl BackgroundService for DrainWatch {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn pair(from_now: bool) -> (DeadlineStream, tokio::io::DuplexStream) {
+        let (server, client) = tokio::io::duplex(4096);
+        let s = DeadlineStream::new(Box::new(server), Duration::from_millis(500), from_now);
+        (s, client)
+    }
+
+    async fn read(s: &mut DeadlineStream) -> std::io::Result<Vec<u8>> {
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).await?;
+        Ok(buf[..n].to_vec())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_header_that_is_not_whole_in_time_fails_the_read() {
+        let (mut s, mut c) = pair(true);
+        c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").await.unwrap();
+        assert_eq!(read(&mut s).await.unwrap().len(), 25);
+        // The rest trickles in, too late: the read waiting for it fails at the deadline.
+        let e = read(&mut s).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_that_sends_nothing_fails_at_the_deadline() {
+        let (mut s, _c) = pair(true);
+        let started = tokio::time::Instant::now();
+        let e = read(&mut s).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        let waited = started.elapsed();
+        assert!((500..=510).contains(&waited.as_millis()), "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn once_the_header_is_whole_reads_are_untimed_until_the_next_request() {
+        let (mut s, mut c) = pair(true);
+        // Split across reads, ending with a bare-LF blank line; leading blank lines do not count.
+        c.write_all(b"\r\nPOST / HTTP/1.1\r\nContent-Length: 3\r\n")
+            .await
+            .unwrap();
+        read(&mut s).await.unwrap();
+        c.write_all(b"\n").await.unwrap();
+        read(&mut s).await.unwrap();
+        assert!(matches!(s.phase, Phase::Message));
+        // A slow body is not the header's business.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        c.write_all(b"abc").await.unwrap();
+        assert_eq!(read(&mut s).await.unwrap(), b"abc");
+        // A keep-alive follow-up: idle time before its first byte is not counted...
+        s.next_request();
+        let reader = tokio::spawn(async move {
+            let first = read(&mut s).await.map(|b| b.len());
+            let second = read(&mut s).await.map(|b| b.len());
+            (first, second)
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        c.write_all(b"G").await.unwrap();
+        // ...but from its first byte it has the same 500 ms.
+        let (first, second) = reader.await.unwrap();
+        assert_eq!(first.unwrap(), 1);
+        assert_eq!(second.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
     }
 }

@@ -412,3 +412,91 @@ async fn slow_headers_are_closed_within_the_header_timeout_while_billed_requests
     // Nothing slow was proxied: only the served requests reached the backend.
     assert_eq!(backend.request_count(), latencies.len() + 1);
 }
+
+/// Reads one response with a `Content-Length` body from a kept-alive connection.
+async fn read_one(stream: &mut TcpStream) -> Result<http::Response, String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let r = http::parse(&buf);
+            let len = r
+                .header("content-length")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return Ok(r);
+            }
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) => return Err(format!("closed after {} bytes", buf.len())),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_tells_keep_alive_clients_to_close_so_no_follow_up_is_cut() {
+    let redis = RedisServer::start();
+    let backend = DemoBackend::start("127.0.0.1:0").await.unwrap();
+    let (mut gw, key) = billed_gateway(&redis, &backend, "").await;
+    backend.set_behaviour(Behaviour {
+        delay: Duration::from_secs(1),
+        ..Behaviour::default()
+    });
+    const CLIENTS: usize = 40;
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let addr = gw.proxy;
+            let req = String::from_utf8(relight_request(addr, &key, ""))
+                .unwrap()
+                .replacen("Connection: close\r\n", "", 1);
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.expect("connect");
+                s.write_all(req.as_bytes()).await.expect("write");
+                let first = read_one(&mut s).await;
+                let close =
+                    first.as_ref().ok().and_then(|r| r.header("connection")) == Some("close");
+                // A keep-alive client sends its next request on the same connection unless
+                // told to close; what becomes of it?
+                let second = if close || first.is_err() {
+                    None
+                } else {
+                    let _ = s.write_all(req.as_bytes()).await;
+                    Some(read_one(&mut s).await)
+                };
+                (first, close, second)
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend.request_count() < CLIENTS {
+        assert!(Instant::now() < deadline, "not all reached the backend");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gw.signal("TERM");
+    let (mut ok, mut told_close, mut cut) = (0, 0, Vec::new());
+    for t in tasks {
+        let (first, close, second) = t.await.unwrap();
+        match first {
+            Ok(r) if r.status == 200 => ok += 1,
+            Ok(r) => panic!("first answer {}: {}", r.status, r.text()),
+            Err(e) => cut.push(format!("first: {e}")),
+        }
+        told_close += usize::from(close);
+        if let Some(Err(e)) = second {
+            cut.push(format!("follow-up on the kept connection: {e}"));
+        }
+    }
+    println!(
+        "keep-alive clients at SIGTERM: {ok} × 200, {told_close} told to close, cut short {cut:?}"
+    );
+    assert!(gw.wait_exit(Duration::from_secs(5)), "did not exit");
+    assert_eq!(ok, CLIENTS);
+    assert_eq!(
+        told_close, CLIENTS,
+        "responses after SIGTERM must say Connection: close"
+    );
+    assert!(cut.is_empty(), "{cut:?}");
+}
