@@ -534,6 +534,28 @@ mod tests {
     }
 
     #[test]
+    fn http_limits_have_defaults_and_bounds() {
+        let base = "[upstream]\naddress = \"127.0.0.1:9000\"\n";
+        let c = Config::parse("t.toml", base).expect("valid");
+        assert_eq!(c.server.max_header_bytes, 32 * 1024);
+        assert_eq!(c.server.header_timeout_ms, 10_000);
+        let bad = format!(
+            "{base}[server]\nmax_header_bytes = 2000000\nheader_timeout_ms = 0\nshutdown_grace_s = 0\n"
+        );
+        let problems = Config::parse("t.toml", &bad).expect_err("invalid");
+        for field in [
+            "server.max_header_bytes",
+            "server.header_timeout_ms",
+            "server.shutdown_grace_s",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.field == field),
+                "{field}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let text = "[upstream]\naddress = \"x:1\"\n[server]\nlisten = \"nope\"\n";
         let problems = Config::parse("t.toml", text).expect_err("invalid");

@@ -5,6 +5,8 @@
 //! ```text
 //! client ─► proxy::request_filter
 //!             └─ admit::admit
+//!                  ├─ http_limits                 header > max_header_bytes 431; ambiguous
+//!                  │                              Content-Length, Upgrade → 400
 //!                  ├─ rules::canonicalize        one canonical path, ambiguous ones are 400
 //!                  ├─ billing_api                 /api/credits/balance, /api/subscription, …
 //!                  │                              answered here, never proxied
@@ -21,7 +23,8 @@
 //! ```
 //!
 //! Beside it: `admin_api` (accounts, keys, grants, catalog), `live_catalog` (hot reload),
-//! `ledger` (Redis without Lua, or memory), `metrics`, `server` (start-up), `cli`.
+//! `ledger` (Redis without Lua, or memory), `metrics`, `server` (start-up), `cli`, `connection`
+//! (the proxy's connection loop: header arrival deadline, graceful stop).
 
 pub mod admin_api;
 pub mod admit;
