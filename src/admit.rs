@@ -52,6 +52,7 @@ pub async fn admit(
     req: &mut dyn IncomingRequest,
     route_label: &mut String,
 ) -> Result<Admission, GatewayError> {
+    crate::http_limits::check_incoming(req, &gw.config.server)?;
     let header = req.header();
     let raw_target = header
         .uri

@@ -37,8 +37,13 @@ pub struct ServerConfig {
     pub threads: usize,
     /// JSON request bodies up to this size are read to find the model and count; larger ones → 413.
     pub max_json_body_bytes: usize,
-    /// Seconds in-flight requests get to finish on SIGTERM (Pingora waits this long in full).
+    /// Seconds in-flight requests get to finish on SIGTERM; the process exits as soon as they
+    /// have, at the latest when this ends.
     pub shutdown_grace_s: u64,
+    /// Largest request header block (request line and header lines) → 431 beyond.
+    pub max_header_bytes: usize,
+    /// A request header must arrive whole within this, or the connection is closed.
+    pub header_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -50,6 +55,8 @@ impl Default for ServerConfig {
             threads: 2,
             max_json_body_bytes: MAX_INSPECTED_BODY_LIMIT,
             shutdown_grace_s: 5,
+            max_header_bytes: crate::http_limits::DEFAULT_MAX_HEADER_BYTES,
+            header_timeout_ms: crate::http_limits::DEFAULT_HEADER_TIMEOUT_MS,
         }
     }
 }
@@ -329,6 +336,29 @@ impl Config {
                 format!("must be between 1 and {MAX_INSPECTED_BODY_LIMIT}"),
             ));
         }
+        if self.server.max_header_bytes < 1024
+            || self.server.max_header_bytes > crate::http_limits::MAX_HEADER_BYTES_LIMIT
+        {
+            p.push((
+                "server.max_header_bytes".into(),
+                format!(
+                    "must be between 1024 and {} (Pingora refuses larger header blocks itself)",
+                    crate::http_limits::MAX_HEADER_BYTES_LIMIT
+                ),
+            ));
+        }
+        if self.server.header_timeout_ms < 100 || self.server.header_timeout_ms > 120_000 {
+            p.push((
+                "server.header_timeout_ms".into(),
+                "must be between 100 and 120000".into(),
+            ));
+        }
+        if self.server.shutdown_grace_s == 0 || self.server.shutdown_grace_s > 3600 {
+            p.push((
+                "server.shutdown_grace_s".into(),
+                "must be between 1 and 3600".into(),
+            ));
+        }
         if self.upstream.tls {
             p.push((
                 "upstream.tls".into(),
@@ -501,6 +531,28 @@ mod tests {
             problems.iter().any(|p| p.message.contains("bogus")),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn http_limits_have_defaults_and_bounds() {
+        let base = "[upstream]\naddress = \"127.0.0.1:9000\"\n";
+        let c = Config::parse("t.toml", base).expect("valid");
+        assert_eq!(c.server.max_header_bytes, 32 * 1024);
+        assert_eq!(c.server.header_timeout_ms, 10_000);
+        let bad = format!(
+            "{base}[server]\nmax_header_bytes = 2000000\nheader_timeout_ms = 0\nshutdown_grace_s = 0\n"
+        );
+        let problems = Config::parse("t.toml", &bad).expect_err("invalid");
+        for field in [
+            "server.max_header_bytes",
+            "server.header_timeout_ms",
+            "server.shutdown_grace_s",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.field == field),
+                "{field}: {problems:?}"
+            );
+        }
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub enum GatewayError {
     IdempotencyMismatch,
     #[error("The request body is larger than {0} bytes.")]
     PayloadTooLarge(usize),
+    #[error("The request header block (request line and headers) is larger than {0} bytes.")]
+    RequestHeaderTooLarge(usize),
     #[error("Too many requests for this API key; retry after {0} s.")]
     RateLimited(u64),
     #[error("The admin token is missing or wrong.")]
@@ -89,6 +91,7 @@ impl GatewayError {
             Self::PayloadTooLarge(_) => 413,
             Self::IdempotencyMismatch => 422,
             Self::RateLimited(_) => 429,
+            Self::RequestHeaderTooLarge(_) => 431,
             Self::Internal(_) => 500,
             Self::UpstreamFailed => 502,
             Self::StoreUnavailable(_) => 503,
@@ -111,6 +114,7 @@ impl GatewayError {
             Self::IdempotencyInProgress => "idempotency_in_progress",
             Self::IdempotencyMismatch => "idempotency_mismatch",
             Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::RequestHeaderTooLarge(_) => "request_header_too_large",
             Self::RateLimited(_) => "rate_limited",
             Self::AdminUnauthorized => "unauthorized",
             Self::UpstreamFailed => "upstream_failed",

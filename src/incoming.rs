@@ -14,6 +14,10 @@ pub const MAX_API_BODY_BYTES: usize = 4 * 1024;
 #[async_trait]
 pub trait IncomingRequest: Send {
     fn header(&self) -> &RequestHeader;
+    /// The header block as received, when the transport keeps it.
+    fn raw_head(&self) -> Option<Bytes> {
+        None
+    }
     /// The whole body, or `PayloadTooLarge(limit)` once it passes `limit` bytes.
     async fn read_body(&mut self, limit: usize) -> Result<Bytes, GatewayError>;
 }
@@ -68,6 +72,11 @@ impl SessionRequest<'_> {
 impl IncomingRequest for SessionRequest<'_> {
     fn header(&self) -> &RequestHeader {
         self.session.req_header()
+    }
+
+    fn raw_head(&self) -> Option<Bytes> {
+        let h1 = self.session.as_downstream().as_http1()?;
+        Some(h1.get_headers_raw_bytes())
     }
 
     async fn read_body(&mut self, limit: usize) -> Result<Bytes, GatewayError> {

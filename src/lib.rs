@@ -5,6 +5,8 @@
 //! ```text
 //! client ─► proxy::request_filter
 //!             └─ admit::admit
+//!                  ├─ http_limits                 header > max_header_bytes 431; ambiguous
+//!                  │                              Content-Length, Upgrade → 400
 //!                  ├─ rules::canonicalize        one canonical path, ambiguous ones are 400
 //!                  ├─ billing_api                 /api/credits/balance, /api/subscription, …
 //!                  │                              answered here, never proxied
@@ -21,7 +23,8 @@
 //! ```
 //!
 //! Beside it: `admin_api` (accounts, keys, grants, catalog), `live_catalog` (hot reload),
-//! `ledger` (Redis without Lua, or memory), `metrics`, `server` (start-up), `cli`.
+//! `ledger` (Redis without Lua, or memory), `metrics`, `server` (start-up), `cli`, `connection`
+//! (the proxy's connection loop: header arrival deadline, graceful stop).
 
 pub mod admin_api;
 pub mod admit;
@@ -31,11 +34,13 @@ pub mod billing_api;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod demo_backend;
 pub mod entitlement;
 pub mod error;
 pub mod gateway;
 pub mod headers;
+pub mod http_limits;
 pub mod idempotency;
 pub mod incoming;
 pub mod ledger;

@@ -63,6 +63,7 @@ impl CreditGateProxy {
         reply: &JsonReply,
     ) -> Result<()> {
         ctx.status = reply.status;
+        crate::connection::close_if_stopping(session);
         let header = reply.response_header(&ctx.request_id)?;
         if expects_continue(session.req_header()) && !session.as_mut().is_body_done() {
             // Refused before `100 Continue`: the client sends no body; the connection ends here.
@@ -181,10 +182,11 @@ impl ProxyHttp for CreditGateProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        crate::connection::close_if_stopping(session);
         ctx.status = response.status.as_u16();
         headers::strip_billing_headers(response);
         response.insert_header("X-Request-Id", ctx.request_id.as_str())?;

@@ -2,6 +2,18 @@
 //! Pingora server with three listeners — the proxy (generation traffic, billing endpoints,
 //! Stripe webhook), the admin API on loopback, and `/metrics` — plus the background workers.
 //! No `Opt::parse_args()`: the server is built from our own CLI and config.
+//!
+//! # Graceful stop
+//!
+//! On SIGTERM Pingora closes every listener at once (a new connection is refused), wakes the
+//! keep-alive connections parked between requests so they close, and lets the requests that
+//! are being served run on. Left alone it then sleeps the whole `grace_period_seconds` and
+//! drops its runtimes, cutting whatever still runs. Here the proxy listener counts the
+//! connections inside a request (`connection::InFlight`) and `connection::DrainWatch` ends the
+//! process as soon as that count is zero — every admitted request answered and settled in its
+//! `logging` phase — and at the latest when `server.shutdown_grace_s` ends; Pingora's own grace
+//! is the same length and stays as the backstop. A connection whose request header had not
+//! fully arrived at SIGTERM is closed without an answer (nothing was admitted or charged).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +22,8 @@ use pingora::apps::http_app::HttpServer;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::listening::Service;
+
+use crate::connection::{DrainWatch, HeadGuard, InFlight};
 
 use crate::admin_api::AdminApp;
 use crate::clock::{SharedClock, SystemClock};
@@ -109,10 +123,9 @@ pub fn build_server(gw: Arc<Gateway>) -> Server {
     let pid = std::process::id();
     let conf = ServerConf {
         threads: cfg.server.threads,
-        // On SIGTERM Pingora stops accepting at once, then waits this long for in-flight
-        // requests to finish (their `logging` phase settles them) before stopping runtimes.
+        // The backstop of `DrainWatch` (module doc): nothing runs past the grace.
         grace_period_seconds: Some(cfg.server.shutdown_grace_s),
-        graceful_shutdown_timeout_seconds: Some(2),
+        graceful_shutdown_timeout_seconds: Some(1),
         pid_file: run_dir
             .join(format!("creditgate-{pid}.pid"))
             .display()
@@ -126,8 +139,18 @@ pub fn build_server(gw: Arc<Gateway>) -> Server {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut proxy =
-        pingora::proxy::http_proxy_service(&server.configuration, CreditGateProxy::new(gw.clone()));
+    let mut app = pingora::proxy::HttpProxy::new(
+        CreditGateProxy::new(gw.clone()),
+        server.configuration.clone(),
+    );
+    app.handle_init_modules();
+    let in_flight = InFlight::default();
+    let guarded = HeadGuard {
+        app: Arc::new(app),
+        header_timeout: Duration::from_millis(cfg.server.header_timeout_ms),
+        in_flight: in_flight.clone(),
+    };
+    let mut proxy = Service::new("creditgate proxy".to_string(), guarded);
     proxy.add_tcp(&cfg.server.listen);
 
     let mut admin = Service::new(
@@ -145,6 +168,14 @@ pub fn build_server(gw: Arc<Gateway>) -> Server {
     server.add_service(pingora::services::background::background_service(
         "catalog reloader",
         Reloader { gw: gw.clone() },
+    ));
+    server.add_service(pingora::services::background::background_service(
+        "graceful stop",
+        DrainWatch {
+            in_flight,
+            grace: Duration::from_secs(cfg.server.shutdown_grace_s),
+            settle_margin: Duration::from_millis(cfg.store.command_timeout_ms),
+        },
     ));
     server
 }

@@ -36,6 +36,8 @@ pub struct GatewayOptions {
     pub upstream: SocketAddr,
     /// Extra TOML appended to the generated config (e.g. a `[stripe]` table).
     pub extra_toml: String,
+    /// Extra `key = value` lines for the `[server]` table.
+    pub server_toml: String,
     /// A rules directory; the shipped one when `None`.
     pub rules_dir: Option<PathBuf>,
     pub env: Vec<(String, String)>,
@@ -51,6 +53,7 @@ impl GatewayOptions {
             redis_url: redis_url.to_string(),
             upstream,
             extra_toml: String::new(),
+            server_toml: String::new(),
             rules_dir: None,
             env: Vec::new(),
             read_timeout_ms: 5000,
@@ -82,6 +85,7 @@ admin_listen = "{admin}"
 metrics_listen = "{metrics}"
 threads = 2
 shutdown_grace_s = 2
+{server_extra}
 
 [upstream]
 address = "{up}"
@@ -106,6 +110,7 @@ watch = {watch}
             rules = rules.display(),
             watch = opts.watch_rules,
             extra = opts.extra_toml,
+            server_extra = opts.server_toml,
         );
         let config_path = dir.path().join("creditgate.toml");
         std::fs::write(&config_path, config).expect("write config");
