@@ -141,7 +141,7 @@ fn bench_auth(c: &mut Criterion, rt: &tokio::runtime::Runtime, catalog: &Catalog
             revoked: false,
         };
         ledger
-            .insert_key(&key.hash_hex(), &record)
+            .insert_key(&key.hash_hex(), &record, 1)
             .await
             .expect("key");
     });
