@@ -184,7 +184,7 @@ async fn concurrent_patch_webhook_and_limit_writes_lose_nothing() {
     }));
     writers.push(tokio::spawn(async move {
         for i in 0..ROUNDS {
-            let body = json!({"payPerUse": i % 2 == 0});
+            let body = json!({"payPerUse": i.is_multiple_of(2)});
             let r = admin(admin_addr, "PATCH", "/admin/accounts/race", body).await;
             assert_eq!(r.status, 200, "payPerUse: {}", r.text());
         }
@@ -227,7 +227,7 @@ async fn concurrent_patch_webhook_and_limit_writes_lose_nothing() {
     let view = account_view(&e.gw, "race").await;
     assert_eq!(view["plan"], plans[last % 3], "{view}");
     assert_eq!(view["status"], statuses[last % 3], "{view}");
-    assert_eq!(view["payPerUse"], last % 2 == 0, "{view}");
+    assert_eq!(view["payPerUse"], last.is_multiple_of(2), "{view}");
     assert_eq!(view["spendingLimitCents"], 1000 + last, "{view}");
     assert_eq!(
         view["currentPeriodEnd"],
