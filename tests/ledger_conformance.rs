@@ -2,7 +2,9 @@
 //! [`MemoryLedger`] and a [`RedisLedger`] on its own real `redis-server` per test — so both keep
 //! the same promises: concurrency never overspends, a missing balance is seeded once, a new
 //! period starts at its allowance, refunds apply exactly once, spend stops at the limit, key
-//! slots follow creation order. Redis-only tests below cover outages, durability and the outbox.
+//! slots follow creation order and are claimed exactly under concurrency, account changes write
+//! only their fields and guarded ones apply only on what they read (and in subscription event
+//! order). Redis-only tests below cover outages, durability and the outbox.
 
 mod support;
 
@@ -1981,4 +1983,81 @@ async fn concurrent_field_writers_lose_nothing(b: Backend) {
     // Untouched fields are as created.
     assert_eq!(stored.status, a.status);
     assert_eq!(stored.created_ms, a.created_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_key_slots_survive_lost_removals_and_old_scores() {
+    let server = RedisServer::start();
+    let ledger = redis_ledger(&server);
+    let mut conn = raw_connection(&server).await;
+    // A refused key whose removal was lost (the gateway died between claim and removal) waits
+    // at +inf: a later claim is placed before it and keeps its slot.
+    let _: i64 = redis::cmd("ZADD")
+        .arg("cg:{a:acct-lost}:keys")
+        .arg("+inf")
+        .arg("k-lost")
+        .query_async(&mut conn)
+        .await
+        .expect("zadd");
+    assert_eq!(
+        ledger
+            .insert_key("hash-k1", &key("k1", "acct-lost"), 2)
+            .await
+            .expect("insert"),
+        KeySlotClaim::Claimed
+    );
+    assert_eq!(
+        ledger.key_slot("acct-lost", "k1").await.expect("slot"),
+        Some(0)
+    );
+    assert_eq!(
+        ledger
+            .insert_key("hash-k2", &key("k2", "acct-lost"), 2)
+            .await
+            .expect("insert"),
+        KeySlotClaim::Full
+    );
+    assert_eq!(
+        ledger.key_slot("acct-lost", "k1").await.expect("slot"),
+        Some(0)
+    );
+    assert_eq!(ledger.key_by_hash("hash-k2").await.expect("get"), None);
+
+    // Keys scored by the old global sequence keep their place before new ones.
+    let old = key("k-old", "acct-old");
+    let json = serde_json::to_string(&old).expect("json");
+    let () = redis::pipe()
+        .cmd("SET")
+        .arg("cg:key:hash-old")
+        .arg(json)
+        .ignore()
+        .cmd("SET")
+        .arg("cg:keyid:k-old")
+        .arg("hash-old")
+        .ignore()
+        .cmd("ZADD")
+        .arg("cg:{a:acct-old}:keys")
+        .arg(57)
+        .arg("k-old")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("legacy key");
+    for id in ["k-new1", "k-new2"] {
+        assert_eq!(
+            ledger
+                .insert_key(&format!("hash-{id}"), &key(id, "acct-old"), 10)
+                .await
+                .expect("insert"),
+            KeySlotClaim::Claimed
+        );
+    }
+    let order: Vec<String> = ledger
+        .active_keys("acct-old")
+        .await
+        .expect("keys")
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(order, ["k-old", "k-new1", "k-new2"]);
 }

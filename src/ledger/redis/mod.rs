@@ -49,13 +49,15 @@
 //!   `change_account_if` (4, own connection): `WATCH acct subs; HGETALL acct; HGET subs <sub>`,
 //!   compare, then `MULTI { HSET fields; HSET subs <sub> <created>; credit writes; HGETALL }`;
 //!   a nil `EXEC` is a conflict (the caller reads again and retries).
-//! - keys (3, 4 when refused): `MULTI { SET cg:key:<hash>; SET cg:keyid:<id> }` (the record,
-//!   unusable until in the zset), `MULTI { INCR keyseq; ZRANGE keys -1 -1 WITHSCORES }`, then the
-//!   claim `MULTI { ZADD keys <seq> <id>; ZCARD keys }`; over the slots it is compensated with
-//!   `MULTI { ZREM keys <id>; DEL record, keyid }` (retried in the background when that fails).
-//!   At most `slots` claimed keys are ever in the zset; a refusal happens only while every slot
-//!   is taken or another refused key is still being removed (so a creation racing a revoke may
-//!   be refused).
+//! - keys (3): `MULTI { SET cg:key:<hash>; SET cg:keyid:<id> }` (the record, unusable until in
+//!   the zset), the claim `MULTI { INCR keyseq; ZADD keys +inf <id>; ZCARD keys; ZREVRANGEBYSCORE
+//!   keys (+inf -inf WITHSCORES LIMIT 0 1 }`, then within the slots `ZADD keys XX <seq> <id>` (its
+//!   place in creation order, above keys scored by the old global sequence); over the slots the
+//!   claim is compensated with `MULTI { ZREM keys <id>; DEL record, keyid }` (either retried in
+//!   the background when it fails). At most `slots` claimed keys are ever in the zset; a refusal
+//!   happens only while every slot is taken or another refused key is still being removed (so a
+//!   creation racing a revoke may be refused). A key waiting at `+inf` ranks after every placed
+//!   one, so it never takes a claimed key's slot.
 //!
 //! # Shared transactions
 //!
@@ -79,10 +81,11 @@
 //! - the gateway process dies between a refused `DECRBY` and its compensation: the bucket stays
 //!   short by that amount until its period ends (no reservation succeeds against the shortfall;
 //!   readers see 0 at worst).
-//! - the gateway process dies between a refused key's claim and its removal: that key stays,
-//!   listed by the admin API after the claimed ones (unusable while the slots before it are
-//!   taken) and revocable by its id; nobody holds its secret. A crash before the claim leaves
-//!   only an unreachable record.
+//! - the gateway process dies between a refused key's claim and its removal: that key stays at
+//!   `+inf`, listed by the admin API after the claimed ones (unusable while the slots before it
+//!   are taken, and counted, so it holds a slot until revoked by its id); nobody holds its
+//!   secret. A crash before the claim leaves only an unreachable record; one between a claim
+//!   and its placing leaves a usable key at `+inf` (last in slot order).
 //!
 //! A reservation whose outcome is unknown (its trip timed out or the connection dropped) is
 //! refunded in full in the background once the store answers again (the gateway answered 503
@@ -465,24 +468,43 @@ impl Ledger for RedisLedger {
         if key.revoked {
             return Ok(KeySlotClaim::Claimed);
         }
-        // 2. The next score: the account's sequence, above any key scored by the old global one.
+        // 2. The claim, apply-then-compensate: added at score +inf (after every scored key, so a
+        // refused one never takes the rank of a claimed one, even when its removal is lost),
+        // with the next number of the account's sequence in the same transaction (so numbers
+        // follow the order of the claims). Claimed keys are never removed by a refusal, so at
+        // most `slots` of them are in the zset at any time, and a refusal only happens while
+        // every slot is taken (or a refused one is still being removed).
         let keys = schema::account_keys(&key.account_id);
         let mut p = redis::pipe();
         p.atomic();
         p.cmd("INCR").arg(schema::key_sequence(&key.account_id));
-        p.cmd("ZRANGE").arg(&keys).arg(-1).arg(-1).arg("WITHSCORES");
-        let (seq, top): (i64, Vec<(String, f64)>) = link.pipe(&p).await?;
-        let above = top.first().map_or(0, |(_, score)| *score as i64 + 1);
-        let score = seq.max(above);
-        // 3. The claim: apply, then compensate. The claimed keys are never removed by a refusal,
-        // so at most `slots` of them are in the zset at any time, and a refusal only happens while
-        // every slot is taken (or a refused one is still being removed).
-        let mut p = redis::pipe();
-        p.atomic();
-        p.cmd("ZADD").arg(&keys).arg(score).arg(&key.id).ignore();
+        p.cmd("ZADD").arg(&keys).arg("+inf").arg(&key.id).ignore();
         p.cmd("ZCARD").arg(&keys);
-        let (count,): (u64,) = link.pipe(&p).await?;
+        p.cmd("ZREVRANGEBYSCORE")
+            .arg(&keys)
+            .arg("(+inf")
+            .arg("-inf")
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(1);
+        let (seq, count, top): (i64, u64, Vec<(String, f64)>) = link.pipe(&p).await?;
         if count <= slots {
+            // 3. Its place in creation order: the sequence number, above any key scored by the
+            // old global sequence. `XX`: a revoke meanwhile is not undone.
+            let above = top.first().map_or(0, |(_, score)| *score as i64 + 1);
+            let mut place = redis::pipe();
+            place
+                .cmd("ZADD")
+                .arg(&keys)
+                .arg("XX")
+                .arg(seq.max(above))
+                .arg(&key.id)
+                .ignore();
+            if let Err(e) = link.pipe::<()>(&place).await {
+                tracing::warn!(error = %e, key = %key.id, "claimed key not placed; retrying in background");
+                link.retry_idempotent("claimed key", place);
+            }
             return Ok(KeySlotClaim::Claimed);
         }
         let mut undo = redis::pipe();
