@@ -1730,6 +1730,47 @@ async fn guarded_change_refuses_a_stale_read(b: Backend) {
             .expect("balance"),
         7
     );
+    // A carry moves what a bucket holds (its allowance when untouched) plus a top-up.
+    let current = b
+        .ledger
+        .get_account("acct-guard")
+        .await
+        .expect("get")
+        .expect("exists");
+    let (fresh, moved) = (bucket("p-fresh", 40), bucket("p-moved", 999));
+    let carry = [
+        CreditChange::Carry {
+            from: bkt.clone(),
+            to: moved.clone(),
+            add: 3,
+        },
+        CreditChange::Carry {
+            from: fresh.clone(),
+            to: bucket("p-moved-2", 999),
+            add: 0,
+        },
+    ];
+    assert!(matches!(
+        b.ledger
+            .change_account_if(&current, &AccountChange::default(), &carry, None)
+            .await
+            .expect("guarded"),
+        GuardedChange::Applied(_)
+    ));
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-guard", &moved)
+            .await
+            .expect("balance"),
+        10
+    );
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-guard", &bucket("p-moved-2", 999))
+            .await
+            .expect("balance"),
+        40
+    );
     // No such account: a conflict, nothing written.
     assert_eq!(
         b.ledger

@@ -211,6 +211,12 @@ impl Ledger for MemoryLedger {
                         .balances
                         .insert(pair(&expected.id, &bucket.id), *balance);
                 }
+                CreditChange::Carry { from, to, add } => {
+                    let left = *state.balance_entry(&expected.id, from);
+                    state
+                        .balances
+                        .insert(pair(&expected.id, &to.id), left.saturating_add(*add));
+                }
             }
         }
         match state.change(&expected.id, change) {

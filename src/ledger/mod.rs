@@ -134,6 +134,14 @@ pub enum CreditChange {
     Grant { bucket: CreditBucket, amount: u64 },
     /// Sets the bucket to exactly `balance`, as `reset_credits`.
     Reset { bucket: CreditBucket, balance: u64 },
+    /// Sets `to` to what `from` holds (its allowance when never touched) plus `add`, read and
+    /// written in the same step (a re-anchored period keeps its balance; a reservation from
+    /// `from` in between is a conflict, never lost).
+    Carry {
+        from: CreditBucket,
+        to: CreditBucket,
+        add: u64,
+    },
 }
 
 /// The Stripe subscription event a guarded change applies, for ordering by `created`.

@@ -260,13 +260,12 @@ pub const SAME_PERIOD_SHIFT_MS: i64 = 7 * 24 * 3600 * 1000;
 /// allowance difference of an upgrade). Otherwise the new period starts at its allowance by
 /// itself, and an upgrade within one bucket adds the difference ([`plan_change`]). A genuinely
 /// new paid period resets the credits through `invoice.paid`.
-async fn carry_credits(
-    gw: &Gateway,
+fn carry_credits(
     catalog: &Catalog,
     old: &Account,
     new: &Account,
     now_ms: i64,
-) -> Result<Option<CreditChange>, GatewayError> {
+) -> Option<CreditChange> {
     if let (Some(old_plan), Some(new_plan)) = (catalog.plan(&old.plan), catalog.plan(&new.plan)) {
         let periodic =
             old_plan.grant == CreditGrant::Period && new_plan.grant == CreditGrant::Period;
@@ -281,16 +280,16 @@ async fn carry_credits(
         {
             let shift = old_end.saturating_sub(new_end).unsigned_abs();
             if old_bucket.id != new_bucket.id && shift <= SAME_PERIOD_SHIFT_MS.unsigned_abs() {
-                let left = gw.ledger.credit_balance(&old.id, &old_bucket).await?;
                 let top_up = new_plan.credits.saturating_sub(old_plan.credits);
-                return Ok(Some(CreditChange::Reset {
-                    bucket: new_bucket,
-                    balance: left.saturating_add(top_up),
-                }));
+                return Some(CreditChange::Carry {
+                    from: old_bucket,
+                    to: new_bucket,
+                    add: top_up,
+                });
             }
         }
     }
-    Ok(plan_change::upgrade_difference(catalog, old, new, now_ms))
+    plan_change::upgrade_difference(catalog, old, new, now_ms)
 }
 
 /// Writes a subscription event's change with its credits in one guarded step: decided on the
@@ -311,8 +310,7 @@ async fn apply_subscription(
             return Ok(Outcome::Unchanged);
         }
         let now_ms = gw.now_ms();
-        let credits: Vec<CreditChange> = carry_credits(gw, catalog, &account, &new, now_ms)
-            .await?
+        let credits: Vec<CreditChange> = carry_credits(catalog, &account, &new, now_ms)
             .into_iter()
             .collect();
         match gw

@@ -1,5 +1,5 @@
 //! Account changes that depend on what their caller read — a plan change's top-up, a
-//! re-anchored period's balance, a subscription event's order — made atomic with
+//! subscription event's order — or on a balance (a re-anchored period's), made atomic with
 //! `WATCH`/`MULTI`/`EXEC` on a connection of their own, opened for the one change and closed
 //! after it. Never on the shared multiplexed [`Link`](super::link::Link): `WATCH` belongs to
 //! a connection, so any other caller's `MULTI/EXEC` on it would end (or trip) the watch.
@@ -16,7 +16,8 @@ use super::records::{change_fields, parse_account};
 use super::{int, seed_bucket_cmd, unavailable, RedisLedger};
 use crate::ledger::schema;
 use crate::ledger::{
-    Account, AccountChange, CreditChange, GuardedChange, StoreError, StoreResult, SubscriptionEvent,
+    Account, AccountChange, CreditBucket, CreditChange, GuardedChange, StoreError, StoreResult,
+    SubscriptionEvent,
 };
 
 impl RedisLedger {
@@ -40,8 +41,19 @@ impl RedisLedger {
             .await?;
         let acct = schema::account(&expected.id);
         let subs = schema::subscription_events(&expected.id);
+        // The balances a carry reads are watched too: a reservation in between is a conflict.
+        let carried: Vec<String> = credits
+            .iter()
+            .filter_map(|c| match c {
+                CreditChange::Carry { from, .. } => Some(schema::balance(&expected.id, &from.id)),
+                _ => None,
+            })
+            .collect();
         let () = self
-            .query(&mut conn, redis::cmd("WATCH").arg(&acct).arg(&subs))
+            .query(
+                &mut conn,
+                redis::cmd("WATCH").arg(&acct).arg(&subs).arg(&carried),
+            )
             .await?;
         let mut read = redis::pipe();
         read.cmd("HGETALL").arg(&acct);
@@ -60,6 +72,11 @@ impl RedisLedger {
                 });
             }
         }
+        let mut left: Vec<Option<i64>> = Vec::new();
+        for bal in &carried {
+            left.push(self.query(&mut conn, redis::cmd("GET").arg(bal)).await?);
+        }
+        let mut left = left.into_iter();
         let mut p = redis::pipe();
         p.atomic();
         let fields = change_fields(change);
@@ -87,12 +104,14 @@ impl RedisLedger {
                     p.cmd("INCRBY").arg(&bal).arg(int(*amount)).ignore();
                 }
                 CreditChange::Reset { bucket, balance } => {
-                    let bal = schema::balance(&expected.id, &bucket.id);
-                    let cmd = p.cmd("SET").arg(&bal).arg(int(*balance));
-                    if let Some(exp) = bucket.expires_at_ms {
-                        cmd.arg("PXAT").arg(exp);
-                    }
-                    cmd.ignore();
+                    set_balance(&mut p, &expected.id, bucket, int(*balance));
+                }
+                CreditChange::Carry { from, to, add } => {
+                    let had = match left.next().flatten() {
+                        Some(value) => value.max(0),
+                        None => int(from.allowance),
+                    };
+                    set_balance(&mut p, &expected.id, to, had.saturating_add(int(*add)));
                 }
             }
         }
@@ -121,4 +140,16 @@ impl RedisLedger {
             Err(_) => Err(StoreError::Timeout),
         }
     }
+}
+
+/// `SET bal <balance> [PXAT exp]` into the transaction.
+fn set_balance(p: &mut redis::Pipeline, account_id: &str, bucket: &CreditBucket, balance: i64) {
+    let cmd = p
+        .cmd("SET")
+        .arg(schema::balance(account_id, &bucket.id))
+        .arg(balance);
+    if let Some(exp) = bucket.expires_at_ms {
+        cmd.arg("PXAT").arg(exp);
+    }
+    cmd.ignore();
 }
