@@ -4,7 +4,8 @@
 //!
 //! The ledger knows nothing of the catalog: callers pass the period, allowance, limit and amount
 //! they computed from the catalog snapshot and the clock. Two backends share one conformance
-//! suite: [`RedisLedger`] (production, no Lua: `MULTI/EXEC` and apply-then-compensate) and
+//! suite: [`RedisLedger`] (production, no Lua: `MULTI/EXEC` and apply-then-compensate, `WATCH`
+//! on a connection of its own for guarded account changes) and
 //! [`MemoryLedger`] (single process, for trying it out and for tests).
 
 mod memory;
