@@ -131,7 +131,7 @@ fn bench_auth(c: &mut Criterion, rt: &tokio::runtime::Runtime, catalog: &Catalog
             revoked: false,
         };
         ledger
-            .insert_key(&key.hash_hex(), &record)
+            .insert_key(&key.hash_hex(), &record, 1)
             .await
             .expect("key");
     });
@@ -208,7 +208,7 @@ fn gateway(rt: &tokio::runtime::Runtime, now: i64) -> (Gateway, ApiKey, ApiKey, 
                 revoked: false,
             };
             gw.ledger
-                .insert_key(&key.hash_hex(), &record)
+                .insert_key(&key.hash_hex(), &record, 1)
                 .await
                 .expect("key");
             if let Some(bucket) = entitlement::credit_bucket(&gw.catalog.snapshot(), &acct, now) {

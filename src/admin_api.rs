@@ -2,6 +2,11 @@
 //! in constant time): accounts, plan changes, keys, credit grants, the catalog, and the
 //! `/healthz` + `/readyz` probes, and `GET /openapi.json` (the `openapi` document; like the
 //! probes it needs no token). Every bad input is a 400 naming the field; nothing changes then.
+//!
+//! Account writes change only the fields a request names: a PATCH without `plan` is one
+//! field-level write; one with `plan` is a guarded change (top-up and plan in one step, retried
+//! when a concurrent writer got there first). Key creation claims its slot in the store, so
+//! concurrent creations never pass the plan's slots (409 `key_slot_exceeded`).
 
 use std::sync::Arc;
 
@@ -16,10 +21,13 @@ use crate::entitlement;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::incoming::MAX_API_BODY_BYTES;
-use crate::ledger::{Account, KeyRecord, SubscriptionStatus};
+use crate::ledger::{
+    Account, AccountChange, GuardedChange, KeyRecord, KeySlotClaim, SubscriptionStatus,
+};
 use crate::money::MicroUsd;
 use crate::money::MAX_SPENDING_LIMIT_CENTS;
 use crate::period;
+use crate::plan_change::{self, MAX_ATTEMPTS};
 use crate::respond::JsonReply;
 use crate::rules::{self, CreditGrant};
 
@@ -371,47 +379,58 @@ impl AdminApp {
         let limit = opt_uint(&m, "spendingLimitCents", MAX_SPENDING_LIMIT_CENTS)?;
         let customer = opt_str(&m, "stripeCustomerId")?;
 
-        let old = self.load(id).await?;
-        let now = self.gw.now_ms();
-        let mut new = old.clone();
-        if let Some(p) = plan {
-            new.plan = p.to_string();
-        }
-        if let Some(s) = status {
-            new.status = s;
-        }
-        if let Some(b) = pay_per_use {
-            new.pay_per_use = b;
-        }
-        if let Some(l) = limit {
-            new.spending_limit_cents = l;
-        }
-        if let Some(c) = customer {
-            new.stripe_customer_id = Some(c.to_string());
-        }
-        let had_periods = catalog
-            .plan(&old.plan)
-            .is_some_and(|p| p.grant == CreditGrant::Period);
-        match period_end {
-            Some(t) => new.period_anchor_ms = t,
-            None if !had_periods && new.plan != old.plan => {
-                new.period_anchor_ms = period::add_months(now, 1).unwrap_or(now);
+        let mut change = AccountChange {
+            plan: None,
+            status,
+            period_anchor_ms: period_end,
+            pay_per_use,
+            spending_limit_cents: limit,
+            stripe_customer_id: customer.map(str::to_string),
+        };
+        let Some(plan) = plan else {
+            // Nothing here depends on what was stored: write just these fields.
+            let account = self
+                .gw
+                .ledger
+                .change_account(id, &change)
+                .await?
+                .ok_or(GatewayError::NoSuch("account"))?;
+            self.gw.keys.clear();
+            return self.account_view(&account).await;
+        };
+        change.plan = Some(plan.to_string());
+        // A plan change depends on the plan it replaces (the top-up, a first period anchor):
+        // decided on the account as read, written only if it is still that account.
+        for attempt in 0..MAX_ATTEMPTS {
+            let old = self.load(id).await?;
+            let now = self.gw.now_ms();
+            let had_periods = catalog
+                .plan(&old.plan)
+                .is_some_and(|p| p.grant == CreditGrant::Period);
+            let mut change = change.clone();
+            if period_end.is_none() && !had_periods && plan != old.plan {
+                change.period_anchor_ms = Some(period::add_months(now, 1).unwrap_or(now));
             }
-            None => {}
+            let new = change.applied_to(&old);
+            let credits: Vec<_> = plan_change::upgrade_difference(&catalog, &old, &new, now)
+                .into_iter()
+                .collect();
+            match self
+                .gw
+                .ledger
+                .change_account_if(&old, &change, &credits, None)
+                .await?
+            {
+                GuardedChange::Applied(account) => {
+                    self.gw.keys.clear();
+                    return self.account_view(&account).await;
+                }
+                GuardedChange::Conflict | GuardedChange::Stale { .. } => {
+                    plan_change::retry_pause(attempt).await;
+                }
+            }
         }
-        // Top up first, then switch: a request in between must not seed the bucket at the new
-        // allowance and then receive the difference on top.
-        crate::plan_change::apply_upgrade_difference(
-            self.gw.ledger.as_ref(),
-            &catalog,
-            &old,
-            &new,
-            now,
-        )
-        .await?;
-        self.gw.ledger.update_account(&new).await?;
-        self.gw.keys.clear();
-        self.account_view(&new).await
+        Err(plan_change::too_contended(id).into())
     }
 
     async fn create_key(&self, id: &str, body: &[u8]) -> AdminResult {
@@ -424,10 +443,6 @@ impl AdminApp {
         let account = self.load(id).await?;
         let catalog = self.gw.catalog.snapshot();
         let slots = entitlement::key_slots(&catalog, &account);
-        let active = self.gw.ledger.active_keys(id).await?;
-        if active.len() as u64 >= slots {
-            return Ok(JsonReply::error(&GatewayError::KeySlotExceeded).with_status(409));
-        }
         let key = ApiKey::generate();
         let record = KeyRecord {
             id: random_id("key_", 16),
@@ -437,7 +452,18 @@ impl AdminApp {
             created_ms: self.gw.now_ms(),
             revoked: false,
         };
-        self.gw.ledger.insert_key(&key.hash_hex(), &record).await?;
+        // The slot is claimed in the store, atomically: concurrent creations never pass `slots`.
+        match self
+            .gw
+            .ledger
+            .insert_key(&key.hash_hex(), &record, slots)
+            .await?
+        {
+            KeySlotClaim::Claimed => {}
+            KeySlotClaim::Full => {
+                return Ok(JsonReply::error(&GatewayError::KeySlotExceeded).with_status(409));
+            }
+        }
         Ok(JsonReply::ok(
             201,
             &json!({"id": record.id, "key": key.expose(), "prefix": record.prefix}),

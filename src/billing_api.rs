@@ -9,7 +9,7 @@ use crate::auth::Principal;
 use crate::entitlement;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
-use crate::ledger::Account;
+use crate::ledger::{Account, AccountChange};
 use crate::money::MAX_SPENDING_LIMIT_CENTS;
 use crate::period;
 use crate::respond::JsonReply;
@@ -99,7 +99,15 @@ pub async fn answer(
         )),
         BillingEndpoint::SetSpendingLimit => {
             let limit = parse_limit_cents(body.as_deref().unwrap_or_default())?;
-            gw.ledger.set_spending_limit(&account.id, limit).await?;
+            // Only this field: a concurrent plan change or webhook is not undone.
+            let change = AccountChange {
+                spending_limit_cents: Some(limit),
+                ..AccountChange::default()
+            };
+            gw.ledger
+                .change_account(&account.id, &change)
+                .await?
+                .ok_or(GatewayError::InvalidApiKey)?;
             gw.keys.clear();
             Ok(JsonReply::ok(
                 200,

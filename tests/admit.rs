@@ -15,7 +15,9 @@ use creditgate::entitlement;
 use creditgate::error::GatewayError;
 use creditgate::gateway::Gateway;
 use creditgate::incoming::BufferedRequest;
-use creditgate::ledger::{Account, KeyRecord, Ledger, MemoryLedger, SubscriptionStatus};
+use creditgate::ledger::{
+    Account, KeyRecord, KeySlotClaim, Ledger, MemoryLedger, SubscriptionStatus,
+};
 use creditgate::live_catalog::LiveCatalog;
 use creditgate::reserve::Payment;
 
@@ -76,11 +78,13 @@ impl Fixture {
             created_ms: NOW_MS,
             revoked: false,
         };
-        self.gw
+        let claim = self
+            .gw
             .ledger
-            .insert_key(&key.hash_hex(), &record)
+            .insert_key(&key.hash_hex(), &record, 1)
             .await
             .expect("key stored");
+        assert_eq!(claim, KeySlotClaim::Claimed);
         key
     }
 

@@ -2,7 +2,9 @@
 //! [`MemoryLedger`] and a [`RedisLedger`] on its own real `redis-server` per test — so both keep
 //! the same promises: concurrency never overspends, a missing balance is seeded once, a new
 //! period starts at its allowance, refunds apply exactly once, spend stops at the limit, key
-//! slots follow creation order. Redis-only tests below cover outages, durability and the outbox.
+//! slots follow creation order and are claimed exactly under concurrency, account changes write
+//! only their fields and guarded ones apply only on what they read (and in subscription event
+//! order). Redis-only tests below cover outages, durability and the outbox.
 
 mod support;
 
@@ -13,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use creditgate::clock::{Clock, FakeClock};
 use creditgate::ledger::{
-    Account, ChargeMeta, CreditBucket, CreditReservation, CreditReserveOutcome, KeyRecord, Ledger,
-    MemoryLedger, RedisLedger, SettleOutcome, SpendReservation, SpendReserveOutcome, StoreError,
-    StripeReport, SubscriptionStatus, PAY_PER_USE_PLAN,
+    Account, AccountChange, ChargeMeta, CreditBucket, CreditChange, CreditReservation,
+    CreditReserveOutcome, GuardedChange, KeyRecord, KeySlotClaim, Ledger, MemoryLedger,
+    RedisLedger, SettleOutcome, SpendReservation, SpendReserveOutcome, StoreError, StripeReport,
+    SubscriptionEvent, SubscriptionStatus, PAY_PER_USE_PLAN,
 };
 use creditgate::period;
 use support::RedisServer;
@@ -96,7 +99,13 @@ conformance!(
     create_account_twice,
     concurrent_creates_make_one_account,
     free_signup_bucket_is_granted_once,
-    update_account_overwrites,
+    change_account_writes_only_named_fields,
+    concurrent_key_claims_fill_exactly_the_free_slots,
+    two_hundred_concurrent_claims_fill_exactly_the_free_slots,
+    guarded_change_refuses_a_stale_read,
+    concurrent_upgrades_add_the_difference_once,
+    subscription_events_apply_in_created_order,
+    concurrent_field_writers_lose_nothing,
     odd_account_ids_stay_separate,
     idempotency_keys_are_claimed_once_per_account,
     spending_limit_changes_only_the_limit,
@@ -726,7 +735,7 @@ async fn grants_and_resets(b: Backend) {
 async fn key_slots_follow_creation_order_after_revocation(b: Backend) {
     for (i, id) in ["k1", "k2", "k3"].iter().enumerate() {
         b.ledger
-            .insert_key(&format!("hash-{id}"), &key(id, "acct-keys"))
+            .insert_key(&format!("hash-{id}"), &key(id, "acct-keys"), 10)
             .await
             .expect("insert");
         assert_eq!(
@@ -735,7 +744,7 @@ async fn key_slots_follow_creation_order_after_revocation(b: Backend) {
         );
     }
     b.ledger
-        .insert_key("hash-other", &key("k-other", "acct-other"))
+        .insert_key("hash-other", &key("k-other", "acct-other"), 10)
         .await
         .expect("insert");
     assert_eq!(
@@ -776,7 +785,13 @@ async fn key_slots_follow_creation_order_after_revocation(b: Backend) {
     assert_eq!(active, ["k1", "k3"]);
 
     let k4 = key("k4", "acct-keys");
-    b.ledger.insert_key("hash-k4", &k4).await.expect("insert");
+    assert_eq!(
+        b.ledger
+            .insert_key("hash-k4", &k4, 10)
+            .await
+            .expect("insert"),
+        KeySlotClaim::Claimed
+    );
     assert_eq!(
         b.ledger.key_slot("acct-keys", "k4").await.expect("slot"),
         Some(2)
@@ -912,26 +927,56 @@ async fn free_signup_bucket_is_granted_once(b: Backend) {
     );
 }
 
-async fn update_account_overwrites(b: Backend) {
+async fn change_account_writes_only_named_fields(b: Backend) {
     let a = account("acct-upd", "starter");
     assert!(b.ledger.create_account(&a, None).await.expect("create"));
-    let mut changed = a.clone();
-    changed.plan = "pro".to_string();
-    changed.status = SubscriptionStatus::PastDue;
-    changed.pay_per_use = true;
-    changed.spending_limit_cents = 123;
-    changed.period_anchor_ms = ms("2031-06-15T00:00:00Z");
-    changed.stripe_customer_id = Some("cus_123".to_string());
-    b.ledger.update_account(&changed).await.expect("update");
+    let change = AccountChange {
+        plan: Some("pro".to_string()),
+        status: Some(SubscriptionStatus::PastDue),
+        period_anchor_ms: Some(ms("2031-06-15T00:00:00Z")),
+        pay_per_use: Some(true),
+        spending_limit_cents: Some(123),
+        stripe_customer_id: Some("cus_123".to_string()),
+    };
+    let after = b
+        .ledger
+        .change_account("acct-upd", &change)
+        .await
+        .expect("change")
+        .expect("exists");
+    assert_eq!(after, change.applied_to(&a));
+    assert_eq!(after.plan, "pro");
+    assert_eq!(after.created_ms, a.created_ms);
     assert_eq!(
         b.ledger.get_account("acct-upd").await.expect("get"),
-        Some(changed.clone())
+        Some(after.clone())
     );
-    changed.stripe_customer_id = None;
-    b.ledger.update_account(&changed).await.expect("update");
     assert_eq!(
-        b.ledger.get_account("acct-upd").await.expect("get"),
-        Some(changed)
+        b.ledger
+            .account_by_stripe_customer("cus_123")
+            .await
+            .expect("lookup"),
+        Some(after.clone())
+    );
+    // An empty change writes nothing and answers the account.
+    assert_eq!(
+        b.ledger
+            .change_account("acct-upd", &AccountChange::default())
+            .await
+            .expect("change"),
+        Some(after)
+    );
+    // No such account: nothing is written (no partial account appears).
+    assert_eq!(
+        b.ledger
+            .change_account("acct-nobody", &change)
+            .await
+            .expect("change"),
+        None
+    );
+    assert_eq!(
+        b.ledger.get_account("acct-nobody").await.expect("get"),
+        None
     );
 }
 
@@ -1142,7 +1187,7 @@ async fn redis_settings_and_no_lua() {
         .await
         .expect("create");
     ledger
-        .insert_key("h", &key("k", "acct-nolua"))
+        .insert_key("h", &key("k", "acct-nolua"), 1)
         .await
         .expect("key");
     ledger.active_keys("acct-nolua").await.expect("keys");
@@ -1449,12 +1494,611 @@ async fn spending_limit_changes_only_the_limit(b: Backend) {
     // Another writer changes the plan; the limit change must not undo it.
     let mut upgraded = a.clone();
     upgraded.plan = "business".to_string();
-    b.ledger.update_account(&upgraded).await.expect("update");
+    let plan = AccountChange {
+        plan: Some("business".to_string()),
+        ..AccountChange::default()
+    };
     b.ledger
-        .set_spending_limit("acct-limit", 777)
+        .change_account("acct-limit", &plan)
+        .await
+        .expect("update");
+    let limit = AccountChange {
+        spending_limit_cents: Some(777),
+        ..AccountChange::default()
+    };
+    b.ledger
+        .change_account("acct-limit", &limit)
         .await
         .expect("limit");
     let stored = b.ledger.get_account("acct-limit").await.expect("get");
     upgraded.spending_limit_cents = 777;
     assert_eq!(stored, Some(upgraded));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key slots and field-level account changes
+
+/// `n` concurrent inserts of distinct keys for `account` on `slots` slots; the ids claimed.
+async fn claim_concurrently(b: &Backend, account: &str, n: usize, slots: u64) -> Vec<String> {
+    let second = b.another_instance();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            // Half the inserts come from a second gateway instance (its own connection).
+            let ledger = if i % 2 == 0 {
+                b.ledger.clone()
+            } else {
+                second.clone()
+            };
+            let record = key(&format!("{account}-k{i}"), account);
+            tokio::spawn(async move {
+                let hash = format!("hash-{}", record.id);
+                let claim = ledger.insert_key(&hash, &record, slots).await;
+                (record.id, claim)
+            })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for task in tasks {
+        let (id, claim) = task.await.expect("task");
+        if claim.expect("store answers") == KeySlotClaim::Claimed {
+            claimed.push(id);
+        }
+    }
+    claimed
+}
+
+/// Every refused key left nothing behind: no record under its hash, not revocable by id.
+async fn refused_left_nothing(b: &Backend, account: &str, n: usize, claimed: &[String]) {
+    for i in 0..n {
+        let id = format!("{account}-k{i}");
+        if claimed.contains(&id) {
+            continue;
+        }
+        assert_eq!(
+            b.ledger
+                .key_by_hash(&format!("hash-{id}"))
+                .await
+                .expect("get"),
+            None,
+            "{id} was refused but its record is stored"
+        );
+        assert_eq!(b.ledger.key_slot(account, &id).await.expect("slot"), None);
+    }
+}
+
+async fn concurrent_key_claims_fill_exactly_the_free_slots(b: Backend) {
+    let claimed = claim_concurrently(&b, "acct-slots", 20, 4).await;
+    assert_eq!(claimed.len(), 4, "claimed {claimed:?}");
+    let active: BTreeSet<String> = b
+        .ledger
+        .active_keys("acct-slots")
+        .await
+        .expect("keys")
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(active, claimed.iter().cloned().collect::<BTreeSet<_>>());
+    refused_left_nothing(&b, "acct-slots", 20, &claimed).await;
+    // Full now; after a revoke exactly one more fits, in the last slot.
+    let extra = key("acct-slots-extra", "acct-slots");
+    assert_eq!(
+        b.ledger
+            .insert_key("hash-extra", &extra, 4)
+            .await
+            .expect("insert"),
+        KeySlotClaim::Full
+    );
+    assert_eq!(b.ledger.key_by_hash("hash-extra").await.expect("get"), None);
+    b.ledger
+        .revoke_key(&claimed[0])
+        .await
+        .expect("revoke")
+        .expect("known");
+    assert_eq!(
+        b.ledger
+            .insert_key("hash-extra", &extra, 4)
+            .await
+            .expect("insert"),
+        KeySlotClaim::Claimed
+    );
+    assert_eq!(
+        b.ledger
+            .key_slot("acct-slots", &extra.id)
+            .await
+            .expect("slot"),
+        Some(3)
+    );
+    let again = key("acct-slots-again", "acct-slots");
+    assert_eq!(
+        b.ledger
+            .insert_key("hash-again", &again, 4)
+            .await
+            .expect("insert"),
+        KeySlotClaim::Full
+    );
+    // A plan without keys refuses at once.
+    assert_eq!(
+        b.ledger
+            .insert_key("hash-none", &key("k-none", "acct-noslots"), 0)
+            .await
+            .expect("insert"),
+        KeySlotClaim::Full
+    );
+}
+
+async fn two_hundred_concurrent_claims_fill_exactly_the_free_slots(b: Backend) {
+    // Three keys exist already; 200 concurrent claims on 40 slots fill the other 37.
+    for i in 0..3 {
+        let k = key(&format!("acct-many-old{i}"), "acct-many");
+        assert_eq!(
+            b.ledger
+                .insert_key(&format!("hash-old{i}"), &k, 40)
+                .await
+                .expect("insert"),
+            KeySlotClaim::Claimed
+        );
+    }
+    let claimed = claim_concurrently(&b, "acct-many", 200, 40).await;
+    assert_eq!(claimed.len(), 37);
+    let active = b.ledger.active_keys("acct-many").await.expect("keys");
+    assert_eq!(active.len(), 40);
+    // The old keys keep the first slots (slot order is creation order).
+    for i in 0..3u64 {
+        assert_eq!(
+            b.ledger
+                .key_slot("acct-many", &format!("acct-many-old{i}"))
+                .await
+                .expect("slot"),
+            Some(i)
+        );
+    }
+    refused_left_nothing(&b, "acct-many", 200, &claimed).await;
+}
+
+async fn guarded_change_refuses_a_stale_read(b: Backend) {
+    let a = account("acct-guard", "starter");
+    assert!(b.ledger.create_account(&a, None).await.expect("create"));
+    let bkt = bucket("p-guard", 100);
+    // Someone else writes a field after our read: our guarded change is refused, unwritten.
+    let limit = AccountChange {
+        spending_limit_cents: Some(1),
+        ..AccountChange::default()
+    };
+    let now = b
+        .ledger
+        .change_account("acct-guard", &limit)
+        .await
+        .expect("change")
+        .expect("exists");
+    let upgrade = AccountChange {
+        plan: Some("pro".to_string()),
+        ..AccountChange::default()
+    };
+    let grant = [CreditChange::Grant {
+        bucket: bkt.clone(),
+        amount: 50,
+    }];
+    assert_eq!(
+        b.ledger
+            .change_account_if(&a, &upgrade, &grant, None)
+            .await
+            .expect("guarded"),
+        GuardedChange::Conflict
+    );
+    assert_eq!(
+        b.ledger.get_account("acct-guard").await.expect("get"),
+        Some(now.clone())
+    );
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-guard", &bkt)
+            .await
+            .expect("balance"),
+        100
+    );
+    // On the fresh read it applies, the grant and the plan together.
+    let applied = b
+        .ledger
+        .change_account_if(&now, &upgrade, &grant, None)
+        .await
+        .expect("guarded");
+    assert_eq!(applied, GuardedChange::Applied(upgrade.applied_to(&now)));
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-guard", &bkt)
+            .await
+            .expect("balance"),
+        150
+    );
+    // A reset in a guarded change sets the bucket exactly.
+    let after = upgrade.applied_to(&now);
+    let reset = [CreditChange::Reset {
+        bucket: bkt.clone(),
+        balance: 7,
+    }];
+    assert!(matches!(
+        b.ledger
+            .change_account_if(&after, &AccountChange::default(), &reset, None)
+            .await
+            .expect("guarded"),
+        GuardedChange::Applied(_)
+    ));
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-guard", &bkt)
+            .await
+            .expect("balance"),
+        7
+    );
+    // A carry moves what a bucket holds (its allowance when untouched) plus a top-up.
+    let current = b
+        .ledger
+        .get_account("acct-guard")
+        .await
+        .expect("get")
+        .expect("exists");
+    let (fresh, moved) = (bucket("p-fresh", 40), bucket("p-moved", 999));
+    let carry = [
+        CreditChange::Carry {
+            from: bkt.clone(),
+            to: moved.clone(),
+            add: 3,
+        },
+        CreditChange::Carry {
+            from: fresh.clone(),
+            to: bucket("p-moved-2", 999),
+            add: 0,
+        },
+    ];
+    assert!(matches!(
+        b.ledger
+            .change_account_if(&current, &AccountChange::default(), &carry, None)
+            .await
+            .expect("guarded"),
+        GuardedChange::Applied(_)
+    ));
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-guard", &moved)
+            .await
+            .expect("balance"),
+        10
+    );
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-guard", &bucket("p-moved-2", 999))
+            .await
+            .expect("balance"),
+        40
+    );
+    // No such account: a conflict, nothing written.
+    assert_eq!(
+        b.ledger
+            .change_account_if(&account("acct-ghost", "pro"), &upgrade, &grant, None)
+            .await
+            .expect("guarded"),
+        GuardedChange::Conflict
+    );
+    assert_eq!(b.ledger.get_account("acct-ghost").await.expect("get"), None);
+}
+
+async fn concurrent_upgrades_add_the_difference_once(b: Backend) {
+    let a = account("acct-upgrade", "starter");
+    assert!(b.ledger.create_account(&a, None).await.expect("create"));
+    let bkt = bucket("p-upgrade", 100);
+    // 20 writers each try "starter → pro adds 50" by read, decide, guarded write, retry.
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let ledger = b.ledger.clone();
+            let bkt = bkt.clone();
+            tokio::spawn(async move {
+                for attempt in 0..200u32 {
+                    let read = ledger
+                        .get_account("acct-upgrade")
+                        .await
+                        .expect("get")
+                        .expect("exists");
+                    let credits: Vec<CreditChange> = match read.plan.as_str() {
+                        "starter" => vec![CreditChange::Grant {
+                            bucket: bkt.clone(),
+                            amount: 50,
+                        }],
+                        _ => Vec::new(),
+                    };
+                    let change = AccountChange {
+                        plan: Some("pro".to_string()),
+                        ..AccountChange::default()
+                    };
+                    match ledger
+                        .change_account_if(&read, &change, &credits, None)
+                        .await
+                        .expect("guarded")
+                    {
+                        GuardedChange::Applied(_) => return !credits.is_empty(),
+                        GuardedChange::Conflict => {
+                            tokio::time::sleep(Duration::from_millis(u64::from(attempt % 3))).await
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                panic!("no attempt applied");
+            })
+        })
+        .collect();
+    let mut granted = 0;
+    for task in tasks {
+        if task.await.expect("task") {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 1);
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-upgrade", &bkt)
+            .await
+            .expect("balance"),
+        150
+    );
+}
+
+async fn subscription_events_apply_in_created_order(b: Backend) {
+    let a = account("acct-order", "starter");
+    assert!(b.ledger.create_account(&a, None).await.expect("create"));
+    let status = |s| AccountChange {
+        status: Some(s),
+        ..AccountChange::default()
+    };
+    let event = |sub: &str, created_s| SubscriptionEvent {
+        subscription_id: sub.to_string(),
+        created_s,
+    };
+    let newer = b
+        .ledger
+        .change_account_if(
+            &a,
+            &status(SubscriptionStatus::PastDue),
+            &[],
+            Some(&event("sub_1", 200)),
+        )
+        .await
+        .expect("guarded");
+    let GuardedChange::Applied(now) = newer else {
+        panic!("expected applied, got {newer:?}");
+    };
+    // Older than the last applied: refused, nothing written.
+    assert_eq!(
+        b.ledger
+            .change_account_if(
+                &now,
+                &status(SubscriptionStatus::Active),
+                &[CreditChange::Grant {
+                    bucket: bucket("p-order", 10),
+                    amount: 5,
+                }],
+                Some(&event("sub_1", 199)),
+            )
+            .await
+            .expect("guarded"),
+        GuardedChange::Stale {
+            last_created_s: 200
+        }
+    );
+    assert_eq!(
+        b.ledger.get_account("acct-order").await.expect("get"),
+        Some(now.clone())
+    );
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-order", &bucket("p-order", 10))
+            .await
+            .expect("balance"),
+        10
+    );
+    // Another subscription has its own order; an equal `created` still applies.
+    assert!(matches!(
+        b.ledger
+            .change_account_if(
+                &now,
+                &status(SubscriptionStatus::Trialing),
+                &[],
+                Some(&event("sub_2", 100)),
+            )
+            .await
+            .expect("guarded"),
+        GuardedChange::Applied(_)
+    ));
+    let now = b
+        .ledger
+        .get_account("acct-order")
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(now.status, SubscriptionStatus::Trialing);
+    assert!(matches!(
+        b.ledger
+            .change_account_if(
+                &now,
+                &status(SubscriptionStatus::Canceled),
+                &[],
+                Some(&event("sub_1", 200)),
+            )
+            .await
+            .expect("guarded"),
+        GuardedChange::Applied(_)
+    ));
+    let stored = b.ledger.get_account("acct-order").await.expect("get");
+    assert_eq!(stored.map(|a| a.status), Some(SubscriptionStatus::Canceled));
+}
+
+async fn concurrent_field_writers_lose_nothing(b: Backend) {
+    let a = account("acct-fields", "starter");
+    assert!(b.ledger.create_account(&a, None).await.expect("create"));
+    const ROUNDS: u64 = 25;
+    // Four writers, each owning one field and writing distinct values in sequence, two with
+    // plain field writes and two with guarded (read-dependent) ones: every field must end at
+    // its writer's last value.
+    let limits = {
+        let ledger = b.ledger.clone();
+        tokio::spawn(async move {
+            for i in 1..=ROUNDS {
+                let change = AccountChange {
+                    spending_limit_cents: Some(1000 + i),
+                    ..AccountChange::default()
+                };
+                ledger
+                    .change_account("acct-fields", &change)
+                    .await
+                    .expect("change");
+            }
+        })
+    };
+    let anchors = {
+        let ledger = b.another_instance();
+        tokio::spawn(async move {
+            for i in 1..=ROUNDS {
+                let change = AccountChange {
+                    period_anchor_ms: Some(ms("2031-05-01T00:00:00Z") + i as i64),
+                    ..AccountChange::default()
+                };
+                ledger
+                    .change_account("acct-fields", &change)
+                    .await
+                    .expect("change");
+            }
+        })
+    };
+    let guarded = |ledger: Arc<dyn Ledger>, make: fn(u64) -> AccountChange| {
+        tokio::spawn(async move {
+            for i in 1..=ROUNDS {
+                let change = make(i);
+                let mut done = false;
+                for _ in 0..500 {
+                    let read = ledger
+                        .get_account("acct-fields")
+                        .await
+                        .expect("get")
+                        .expect("exists");
+                    match ledger
+                        .change_account_if(&read, &change, &[], None)
+                        .await
+                        .expect("guarded")
+                    {
+                        GuardedChange::Applied(_) => {
+                            done = true;
+                            break;
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(1)).await,
+                    }
+                }
+                assert!(done, "guarded write {i} never applied");
+            }
+        })
+    };
+    let plans = guarded(b.ledger.clone(), |i| AccountChange {
+        plan: Some(format!("plan-{i}")),
+        ..AccountChange::default()
+    });
+    let customers = guarded(b.another_instance(), |i| AccountChange {
+        stripe_customer_id: Some(format!("cus_{i}")),
+        ..AccountChange::default()
+    });
+    for task in [limits, anchors, plans, customers] {
+        task.await.expect("writer");
+    }
+    let stored = b
+        .ledger
+        .get_account("acct-fields")
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(stored.spending_limit_cents, 1000 + ROUNDS);
+    assert_eq!(
+        stored.period_anchor_ms,
+        ms("2031-05-01T00:00:00Z") + ROUNDS as i64
+    );
+    assert_eq!(stored.plan, format!("plan-{ROUNDS}"));
+    assert_eq!(
+        stored.stripe_customer_id.as_deref(),
+        Some(format!("cus_{ROUNDS}").as_str())
+    );
+    // Untouched fields are as created.
+    assert_eq!(stored.status, a.status);
+    assert_eq!(stored.created_ms, a.created_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_key_slots_survive_lost_removals_and_old_scores() {
+    let server = RedisServer::start();
+    let ledger = redis_ledger(&server);
+    let mut conn = raw_connection(&server).await;
+    // A refused key whose removal was lost (the gateway died between claim and removal) waits
+    // at +inf: a later claim is placed before it and keeps its slot.
+    let _: i64 = redis::cmd("ZADD")
+        .arg("cg:{a:acct-lost}:keys")
+        .arg("+inf")
+        .arg("k-lost")
+        .query_async(&mut conn)
+        .await
+        .expect("zadd");
+    assert_eq!(
+        ledger
+            .insert_key("hash-k1", &key("k1", "acct-lost"), 2)
+            .await
+            .expect("insert"),
+        KeySlotClaim::Claimed
+    );
+    assert_eq!(
+        ledger.key_slot("acct-lost", "k1").await.expect("slot"),
+        Some(0)
+    );
+    assert_eq!(
+        ledger
+            .insert_key("hash-k2", &key("k2", "acct-lost"), 2)
+            .await
+            .expect("insert"),
+        KeySlotClaim::Full
+    );
+    assert_eq!(
+        ledger.key_slot("acct-lost", "k1").await.expect("slot"),
+        Some(0)
+    );
+    assert_eq!(ledger.key_by_hash("hash-k2").await.expect("get"), None);
+
+    // Keys scored by the old global sequence keep their place before new ones.
+    let old = key("k-old", "acct-old");
+    let json = serde_json::to_string(&old).expect("json");
+    let () = redis::pipe()
+        .cmd("SET")
+        .arg("cg:key:hash-old")
+        .arg(json)
+        .ignore()
+        .cmd("SET")
+        .arg("cg:keyid:k-old")
+        .arg("hash-old")
+        .ignore()
+        .cmd("ZADD")
+        .arg("cg:{a:acct-old}:keys")
+        .arg(57)
+        .arg("k-old")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("legacy key");
+    for id in ["k-new1", "k-new2"] {
+        assert_eq!(
+            ledger
+                .insert_key(&format!("hash-{id}"), &key(id, "acct-old"), 10)
+                .await
+                .expect("insert"),
+            KeySlotClaim::Claimed
+        );
+    }
+    let order: Vec<String> = ledger
+        .active_keys("acct-old")
+        .await
+        .expect("keys")
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(order, ["k-old", "k-new1", "k-new2"]);
 }

@@ -127,6 +127,7 @@ on_both!(
     an_event_being_applied_elsewhere_answers_409,
     bad_signatures_are_refused_and_change_nothing,
     unknown_types_and_customers_are_ignored,
+    older_subscription_events_are_ignored,
 );
 
 fn account(f: &Fixture, id: &str, plan: &str, customer: Option<&str>) -> Account {
@@ -504,9 +505,14 @@ async fn unknown_types_and_customers_are_ignored(f: Fixture) {
     let body = event("evt_nobody", "invoice.paid", object);
     assert_eq!(result_of(&deliver(&f, &body).await.expect("ok")), "ignored");
     // A customer id that moved to another account is found there, not at the old one.
-    let mut moved = stored(&f, "acme").await;
-    moved.stripe_customer_id = Some("cus_moved".into());
-    f.gw.ledger.update_account(&moved).await.expect("store");
+    let moved = creditgate::ledger::AccountChange {
+        stripe_customer_id: Some("cus_moved".into()),
+        ..Default::default()
+    };
+    f.gw.ledger
+        .change_account("acme", &moved)
+        .await
+        .expect("store");
     let body = event("evt_old_customer", "invoice.paid", invoice(None));
     assert_eq!(result_of(&deliver(&f, &body).await.expect("ok")), "ignored");
     set_balance(&f, "acme", 1).await;
@@ -636,4 +642,44 @@ fn the_built_events_keep_every_field_stripe_requires() {
         assert!(e.get(field).is_some(), "the envelope has {field}");
     }
     assert_eq!(e["data"]["object"]["object"], "invoice");
+}
+
+async fn older_subscription_events_are_ignored(f: Fixture) {
+    create(&f, &account(&f, "acme", "starter", Some(CUSTOMER))).await;
+    let end_s = (f.clock.now_ms() + 10 * DAY_MS) / 1000;
+    let at = |id: &str, price: &str, status: &str, created_s: i64| {
+        let mut body: Value = serde_json::from_slice(&event(
+            id,
+            "customer.subscription.updated",
+            subscription(price, status, end_s),
+        ))
+        .expect("json");
+        body["created"] = Value::from(created_s);
+        body.to_string().into_bytes()
+    };
+    let now_s = f.clock.now_ms() / 1000;
+    let newer = at("evt_new", "price_pro", "past_due", now_s);
+    assert_eq!(
+        result_of(&deliver(&f, &newer).await.expect("ok")),
+        "applied"
+    );
+    let before = stored(&f, "acme").await;
+    let credits = balance(&f, "acme").await;
+    // Older (an upgrade to business sent before the one applied): no plan, status or credits.
+    let older = at("evt_old", "price_business", "active", now_s - 5);
+    assert_eq!(result_of(&deliver(&f, &older).await.expect("ok")), "stale");
+    assert_eq!(stored(&f, "acme").await, before);
+    assert_eq!(balance(&f, "acme").await, credits);
+    assert_eq!(
+        result_of(&deliver(&f, &older).await.expect("ok")),
+        "duplicate"
+    );
+    assert_eq!(
+        result_of(&deliver(&f, &newer).await.expect("ok")),
+        "duplicate"
+    );
+    // Equal `created`: applied.
+    let same = at("evt_same", "price_pro", "active", now_s);
+    assert_eq!(result_of(&deliver(&f, &same).await.expect("ok")), "applied");
+    assert_eq!(stored(&f, "acme").await.status, SubscriptionStatus::Active);
 }

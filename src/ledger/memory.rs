@@ -3,7 +3,9 @@
 //! durable) and for tests of the layers above the store.
 //!
 //! Every method takes the lock once, does its whole step and releases it before returning; no
-//! lock is ever held across an `.await`, so each method is atomic as seen by the others.
+//! lock is ever held across an `.await`, so each method is atomic as seen by the others (a key
+//! insert counts the slots and claims one, a guarded account change compares and writes, under
+//! that one lock).
 //!
 //! Time: credit buckets never expire here (their `expires_at_ms` is ignored: a new period is a
 //! new bucket id, so old buckets only cost memory). Reservation records do honour
@@ -18,9 +20,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    Account, CreditBucket, CreditReservation, CreditReserveOutcome, IdempotencyClaim, KeyRecord,
-    Ledger, SettleOutcome, SpendReservation, SpendReserveOutcome, StoreResult, StripeEventClaim,
-    StripeReport,
+    Account, AccountChange, CreditBucket, CreditChange, CreditReservation, CreditReserveOutcome,
+    GuardedChange, IdempotencyClaim, KeyRecord, KeySlotClaim, Ledger, SettleOutcome,
+    SpendReservation, SpendReserveOutcome, StoreResult, StripeEventClaim, StripeReport,
+    SubscriptionEvent,
 };
 
 /// Prune expired reservation records every this many new reservations.
@@ -50,8 +53,10 @@ struct State {
     reservations: HashMap<(String, String), Held>,
     reservations_since_prune: u32,
     outbox: VecDeque<(String, String, StripeReport)>,
-    /// Stripe customer id → account id, written by the last create or update naming it.
+    /// Stripe customer id → account id, written by the last create or change naming it.
     customers: HashMap<String, String>,
+    /// (account, subscription id) → `created` of the last subscription event applied.
+    subscription_events: HashMap<(String, String), i64>,
     /// Stripe webhook event id → (applied, forget at).
     stripe_events: HashMap<String, (bool, Instant)>,
     /// (account, key hash) → (record, forget at).
@@ -111,6 +116,17 @@ impl State {
             .or_insert(bucket.allowance)
     }
 
+    /// Writes the changed fields of an existing account; the account after, `None` if unknown.
+    fn change(&mut self, account_id: &str, change: &AccountChange) -> Option<Account> {
+        let account = self.accounts.get_mut(account_id)?;
+        *account = change.applied_to(account);
+        let account = account.clone();
+        if let Some(customer) = &change.stripe_customer_id {
+            self.customers.insert(customer.clone(), account.id.clone());
+        }
+        Some(account)
+    }
+
     fn hold(&mut self, account_id: &str, reservation_id: &str, held: Held) {
         self.reservations_since_prune += 1;
         if self.reservations_since_prune >= PRUNE_EVERY {
@@ -152,24 +168,79 @@ impl Ledger for MemoryLedger {
         Ok(self.lock().accounts.get(id).cloned())
     }
 
-    async fn update_account(&self, account: &Account) -> StoreResult<()> {
+    async fn change_account(
+        &self,
+        account_id: &str,
+        change: &AccountChange,
+    ) -> StoreResult<Option<Account>> {
         let mut state = self.lock();
-        state.accounts.insert(account.id.clone(), account.clone());
-        if let Some(customer) = &account.stripe_customer_id {
-            state.customers.insert(customer.clone(), account.id.clone());
-        }
-        Ok(())
+        Ok(state.change(account_id, change))
     }
 
-    async fn set_spending_limit(&self, account_id: &str, cents: u64) -> StoreResult<()> {
-        if let Some(account) = self.lock().accounts.get_mut(account_id) {
-            account.spending_limit_cents = cents;
+    async fn change_account_if(
+        &self,
+        expected: &Account,
+        change: &AccountChange,
+        credits: &[CreditChange],
+        event: Option<&SubscriptionEvent>,
+    ) -> StoreResult<GuardedChange> {
+        let mut state = self.lock();
+        if state.accounts.get(&expected.id) != Some(expected) {
+            return Ok(GuardedChange::Conflict);
         }
-        Ok(())
+        if let Some(event) = event {
+            let last = state
+                .subscription_events
+                .entry(pair(&expected.id, &event.subscription_id))
+                .or_insert(event.created_s);
+            if *last > event.created_s {
+                return Ok(GuardedChange::Stale {
+                    last_created_s: *last,
+                });
+            }
+            *last = event.created_s;
+        }
+        for credit in credits {
+            match credit {
+                CreditChange::Grant { bucket, amount } => {
+                    let balance = state.balance_entry(&expected.id, bucket);
+                    *balance = balance.saturating_add(*amount);
+                }
+                CreditChange::Reset { bucket, balance } => {
+                    state
+                        .balances
+                        .insert(pair(&expected.id, &bucket.id), *balance);
+                }
+                CreditChange::Carry { from, to, add } => {
+                    let left = *state.balance_entry(&expected.id, from);
+                    state
+                        .balances
+                        .insert(pair(&expected.id, &to.id), left.saturating_add(*add));
+                }
+            }
+        }
+        match state.change(&expected.id, change) {
+            Some(account) => Ok(GuardedChange::Applied(account)),
+            None => Ok(GuardedChange::Conflict),
+        }
     }
 
-    async fn insert_key(&self, key_hash: &str, key: &KeyRecord) -> StoreResult<()> {
+    async fn insert_key(
+        &self,
+        key_hash: &str,
+        key: &KeyRecord,
+        slots: u64,
+    ) -> StoreResult<KeySlotClaim> {
         let mut state = self.lock();
+        if !key.revoked {
+            let taken = state
+                .key_order
+                .get(&key.account_id)
+                .map_or(0, BTreeMap::len);
+            if u64::try_from(taken).unwrap_or(u64::MAX) >= slots {
+                return Ok(KeySlotClaim::Full);
+            }
+        }
         state.key_seq += 1;
         let seq = state.key_seq;
         state.keys.insert(key_hash.to_string(), key.clone());
@@ -183,7 +254,7 @@ impl Ledger for MemoryLedger {
                 .or_default()
                 .insert(seq, key.id.clone());
         }
-        Ok(())
+        Ok(KeySlotClaim::Claimed)
     }
 
     async fn key_by_hash(&self, key_hash: &str) -> StoreResult<Option<KeyRecord>> {

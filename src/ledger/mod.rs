@@ -4,7 +4,8 @@
 //!
 //! The ledger knows nothing of the catalog: callers pass the period, allowance, limit and amount
 //! they computed from the catalog snapshot and the clock. Two backends share one conformance
-//! suite: [`RedisLedger`] (production, no Lua: `MULTI/EXEC` and apply-then-compensate) and
+//! suite: [`RedisLedger`] (production, no Lua: `MULTI/EXEC` and apply-then-compensate, `WATCH`
+//! on a connection of its own for guarded account changes) and
 //! [`MemoryLedger`] (single process, for trying it out and for tests).
 
 mod memory;
@@ -86,6 +87,90 @@ pub struct Account {
     pub spending_limit_cents: u64,
     pub stripe_customer_id: Option<String>,
     pub created_ms: i64,
+}
+
+/// The fields of an account one caller changes; `None` leaves a field as it is. Writers of
+/// different fields never undo each other ([`Ledger::change_account`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountChange {
+    pub plan: Option<String>,
+    pub status: Option<SubscriptionStatus>,
+    pub period_anchor_ms: Option<i64>,
+    pub pay_per_use: Option<bool>,
+    pub spending_limit_cents: Option<u64>,
+    pub stripe_customer_id: Option<String>,
+}
+
+impl AccountChange {
+    /// The account as it is after this change.
+    pub fn applied_to(&self, account: &Account) -> Account {
+        let mut new = account.clone();
+        if let Some(plan) = &self.plan {
+            new.plan = plan.clone();
+        }
+        if let Some(status) = self.status {
+            new.status = status;
+        }
+        if let Some(anchor) = self.period_anchor_ms {
+            new.period_anchor_ms = anchor;
+        }
+        if let Some(ppu) = self.pay_per_use {
+            new.pay_per_use = ppu;
+        }
+        if let Some(limit) = self.spending_limit_cents {
+            new.spending_limit_cents = limit;
+        }
+        if let Some(customer) = &self.stripe_customer_id {
+            new.stripe_customer_id = Some(customer.clone());
+        }
+        new
+    }
+}
+
+/// A credit write made in the same atomic step as a guarded account change (a plan change's
+/// top-up, a re-anchored period's balance).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreditChange {
+    /// Adds `amount` to the bucket (created at its allowance first), as `grant_credits`.
+    Grant { bucket: CreditBucket, amount: u64 },
+    /// Sets the bucket to exactly `balance`, as `reset_credits`.
+    Reset { bucket: CreditBucket, balance: u64 },
+    /// Sets `to` to what `from` holds (its allowance when never touched) plus `add`, read and
+    /// written in the same step (a re-anchored period keeps its balance; a reservation from
+    /// `from` in between is a conflict, never lost).
+    Carry {
+        from: CreditBucket,
+        to: CreditBucket,
+        add: u64,
+    },
+}
+
+/// The Stripe subscription event a guarded change applies, for ordering by `created`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionEvent {
+    pub subscription_id: String,
+    /// The event's `created` (Unix seconds).
+    pub created_s: i64,
+}
+
+/// What became of [`Ledger::change_account_if`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuardedChange {
+    /// Written; the account as it is now.
+    Applied(Account),
+    /// The account is not `expected` any more (or is gone): nothing written; read and retry.
+    Conflict,
+    /// An event of the subscription with a later `created` was applied: nothing written.
+    Stale { last_created_s: i64 },
+}
+
+/// What became of [`Ledger::insert_key`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySlotClaim {
+    /// Stored; the key holds a slot.
+    Claimed,
+    /// Every slot is taken: nothing stored.
+    Full,
 }
 
 /// An API key as stored: never the key itself, only its SHA-256 (the map key) and display prefix.
@@ -217,14 +302,36 @@ pub trait Ledger: Send + Sync + 'static {
         signup: Option<&CreditBucket>,
     ) -> StoreResult<bool>;
     async fn get_account(&self, id: &str) -> StoreResult<Option<Account>>;
-    /// Overwrites the stored fields of an existing account.
-    async fn update_account(&self, account: &Account) -> StoreResult<()>;
-    /// Sets only the spending limit of an existing account (accounts are never deleted), so it
-    /// cannot undo a concurrent change of another field.
-    async fn set_spending_limit(&self, account_id: &str, cents: u64) -> StoreResult<()>;
+    /// Writes only the fields `change` names, in one atomic step, so it cannot undo a
+    /// concurrent change of another field. Answers the account after the change, `None` (and
+    /// nothing written) when there is no such account (accounts are never deleted).
+    async fn change_account(
+        &self,
+        account_id: &str,
+        change: &AccountChange,
+    ) -> StoreResult<Option<Account>>;
+    /// A change that depends on what its caller read: applies `change` and `credits` in one
+    /// atomic step only if the account is still exactly `expected` and `event` (when given) is
+    /// not older than the last one applied for its subscription (then records it as the last).
+    /// [`GuardedChange::Conflict`] means the account changed meanwhile: read again, decide
+    /// again, retry ([`crate::plan_change::MAX_ATTEMPTS`]).
+    async fn change_account_if(
+        &self,
+        expected: &Account,
+        change: &AccountChange,
+        credits: &[CreditChange],
+        event: Option<&SubscriptionEvent>,
+    ) -> StoreResult<GuardedChange>;
 
-    /// Stores a new key under its SHA-256 hex hash; its slot order is its insertion order.
-    async fn insert_key(&self, key_hash: &str, key: &KeyRecord) -> StoreResult<()>;
+    /// Stores a new key under its SHA-256 hex hash if the account has fewer than `slots`
+    /// unrevoked keys, atomically: N concurrent inserts with S free slots store exactly S keys.
+    /// Its slot order is its insertion order. A refused insert leaves nothing behind.
+    async fn insert_key(
+        &self,
+        key_hash: &str,
+        key: &KeyRecord,
+        slots: u64,
+    ) -> StoreResult<KeySlotClaim>;
     async fn key_by_hash(&self, key_hash: &str) -> StoreResult<Option<KeyRecord>>;
     /// 0-based position of the key among the account's unrevoked keys in creation order.
     async fn key_slot(&self, account_id: &str, key_id: &str) -> StoreResult<Option<u64>>;
@@ -267,7 +374,7 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> StoreResult<SettleOutcome>;
 
     /// The account whose `stripe_customer_id` is `customer_id` (the Stripe webhooks' lookup),
-    /// kept by `create_account` and `update_account`.
+    /// kept by `create_account` and the account changes.
     async fn account_by_stripe_customer(&self, customer_id: &str) -> StoreResult<Option<Account>>;
 
     /// Claims a Stripe webhook event for applying, once across every instance: `Claimed` holds

@@ -7,13 +7,14 @@
 //! | key | type | holds |
 //! | --- | --- | --- |
 //! | `cg:{a:<account>}:acct` | hash | the [`Account`] fields ([`account_field`]) |
-//! | `cg:{a:<account>}:keys` | zset | unrevoked key ids, scored by the global creation sequence |
+//! | `cg:{a:<account>}:keys` | zset | unrevoked key ids, scored by the account's key sequence (keys made before it by the old global `cg:keyseq`; new scores continue above them) |
+//! | `cg:{a:<account>}:keyseq` | string (int) | the account's key creation sequence |
+//! | `cg:{a:<account>}:subs` | hash | Stripe subscription id → `created` of the last event applied for it |
 //! | `cg:{a:<account>}:bal:<bucket id>` | string (int) | credits left in one bucket |
 //! | `cg:{a:<account>}:spend:<yyyymm>` | string (int) | pay-per-use spend of a UTC month, µ$ |
 //! | `cg:{a:<account>}:rsv:<reservation id>` | hash | one reservation ([`rsv_field`]) |
 //! | `cg:key:<sha256 hex>` | string (JSON) | a [`KeyRecord`] |
 //! | `cg:keyid:<key id>` | string | the SHA-256 hex of that key |
-//! | `cg:keyseq` | string (int) | the key creation sequence |
 //! | `cg:outbox` | stream | pay-per-use charges to report to Stripe ([`outbox_field`]) |
 //! | `cg:outbox:dead` | stream | outbox entries Stripe refused for good, with the error |
 //! | `cg:customer:<stripe customer id>` | string | the account id with that Stripe customer (checked against the account on read) |
@@ -28,8 +29,6 @@
 //! [`Account`]: super::Account
 //! [`KeyRecord`]: super::KeyRecord
 
-/// The key-creation sequence (`INCR`), the score of keys in the per-account zset.
-pub const KEY_SEQ: &str = "cg:keyseq";
 /// The Stripe outbox stream.
 pub const OUTBOX: &str = "cg:outbox";
 /// The consumer group of the Stripe outbox workers.
@@ -68,6 +67,17 @@ pub fn account(account_id: &str) -> String {
 /// `cg:{a:<account>}:keys`
 pub fn account_keys(account_id: &str) -> String {
     format!("cg:{}:keys", tag(account_id))
+}
+
+/// `cg:{a:<account>}:keyseq`: the account's key creation sequence (`INCR`), the score of its
+/// keys in [`account_keys`].
+pub fn key_sequence(account_id: &str) -> String {
+    format!("cg:{}:keyseq", tag(account_id))
+}
+
+/// `cg:{a:<account>}:subs`
+pub fn subscription_events(account_id: &str) -> String {
+    format!("cg:{}:subs", tag(account_id))
 }
 
 /// `cg:{a:<account>}:bal:<bucket id>`
@@ -195,6 +205,8 @@ mod tests {
         let keys = [
             account("acme"),
             account_keys("acme"),
+            key_sequence("acme"),
+            subscription_events("acme"),
             balance("acme", "p1777593600000"),
             spend("acme", "202605"),
             reservation("acme", "r1"),

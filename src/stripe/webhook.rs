@@ -18,9 +18,13 @@
 //!   unchanged); status = Stripe's, mapped by the table below (`deleted` → `canceled`); period
 //!   end = `current_period_end` of the plan's item (where the pinned 2026-09-30 API puts it),
 //!   else of any item, else of the subscription itself (older API versions), as the account's
-//!   period anchor. Credits first (`carry_credits`: an upgrade mid-period adds the allowance
-//!   difference, a period re-anchored by a few seconds or days keeps its balance), then the
-//!   account is written and the key cache cleared.
+//!   period anchor. Credits (`carry_credits`: an upgrade mid-period adds the allowance
+//!   difference, a period re-anchored by a few seconds or days keeps its balance) and those
+//!   fields are written in one guarded step ([`Ledger::change_account_if`]; retried on a
+//!   concurrent change), then the key cache cleared. Events are ordered per subscription by the
+//!   event's `created`: one older than the last applied for its subscription is recorded
+//!   (marked applied) and ignored, 200 with result `stale`, counted and logged; an equal
+//!   `created` still applies.
 //! - `invoice.paid` for a subscription period (`billing_reason` absent, `subscription_cycle`,
 //!   `subscription_create` or `subscription`): the credit bucket of the period containing now is
 //!   reset to the plan's allowance. Plan changes (`subscription_update`), manual and threshold
@@ -52,6 +56,7 @@
 //! [`plan_change`]: crate::plan_change
 //! [`Ledger::account_by_stripe_customer`]: crate::ledger::Ledger::account_by_stripe_customer
 //! [`Ledger::begin_stripe_event`]: crate::ledger::Ledger::begin_stripe_event
+//! [`Ledger::change_account_if`]: crate::ledger::Ledger::change_account_if
 
 use serde_json::{json, Value};
 
@@ -60,7 +65,10 @@ use super::signature::{self, SignatureError};
 use crate::entitlement;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
-use crate::ledger::{Account, StripeEventClaim, SubscriptionStatus};
+use crate::ledger::{
+    Account, AccountChange, CreditChange, GuardedChange, StripeEventClaim, SubscriptionEvent,
+    SubscriptionStatus,
+};
 use crate::plan_change;
 use crate::respond::JsonReply;
 use crate::rules::{Catalog, CreditGrant};
@@ -107,6 +115,8 @@ enum Outcome {
     Unchanged,
     Ignored(&'static str),
     Duplicate,
+    /// A subscription event older than the last one applied for its subscription.
+    Stale,
 }
 
 impl Outcome {
@@ -116,6 +126,7 @@ impl Outcome {
             Self::Unchanged => "unchanged",
             Self::Ignored(_) => "ignored",
             Self::Duplicate => "duplicate",
+            Self::Stale => "stale",
         }
     }
 }
@@ -180,7 +191,8 @@ pub async fn handle(
             }
         },
     };
-    let outcome = match apply(gw, id, kind, object, status).await {
+    let created_s = event.get("created").and_then(Value::as_i64);
+    let outcome = match apply(gw, id, kind, object, status, created_s).await {
         Ok(outcome) => outcome,
         Err(e) => {
             metrics::webhook(kind.as_str(), "failed");
@@ -212,6 +224,7 @@ async fn apply(
     kind: Kind,
     object: &Value,
     status: Option<SubscriptionStatus>,
+    created_s: Option<i64>,
 ) -> Result<Outcome, GatewayError> {
     let Some(customer) = customer_id(object) else {
         return Ok(Outcome::Ignored("no customer on the object"));
@@ -245,17 +258,21 @@ async fn apply(
         Kind::InvoicePaid => invoice_paid(gw, &catalog, &account, object, now_ms).await?,
         Kind::SubscriptionCreated | Kind::SubscriptionUpdated | Kind::SubscriptionDeleted => {
             let change = subscription_change(&catalog, object, status);
-            let new = change.applied_to(&account);
-            if new == account {
-                Outcome::Unchanged
-            } else {
-                // Credits first, then switch (as the admin API does): a request in between
-                // must not seed the new bucket and then receive the difference on top.
-                carry_credits(gw, &catalog, &account, &new, now_ms).await?;
-                gw.ledger.update_account(&new).await?;
-                gw.keys.clear();
-                Outcome::Applied
+            let order = match (object.get("id").and_then(Value::as_str), created_s) {
+                (Some(sub), Some(created_s)) if !sub.is_empty() => Some(SubscriptionEvent {
+                    subscription_id: sub.to_string(),
+                    created_s,
+                }),
+                _ => None,
+            };
+            let outcome =
+                apply_subscription(gw, &catalog, customer, account, &change, order.as_ref())
+                    .await?;
+            if outcome == Outcome::Stale {
+                tracing::warn!(event = %event_id, customer = %customer,
+                    "Stripe subscription event older than the last one applied; ignored");
             }
+            outcome
         }
     };
     if let Err(e) = gw.ledger.finish_stripe_event(event_id, EVENT_KEEP_MS).await {
@@ -279,13 +296,12 @@ pub const SAME_PERIOD_SHIFT_MS: i64 = 7 * 24 * 3600 * 1000;
 /// allowance difference of an upgrade). Otherwise the new period starts at its allowance by
 /// itself, and an upgrade within one bucket adds the difference ([`plan_change`]). A genuinely
 /// new paid period resets the credits through `invoice.paid`.
-async fn carry_credits(
-    gw: &Gateway,
+fn carry_credits(
     catalog: &Catalog,
     old: &Account,
     new: &Account,
     now_ms: i64,
-) -> Result<(), GatewayError> {
+) -> Option<CreditChange> {
     if let (Some(old_plan), Some(new_plan)) = (catalog.plan(&old.plan), catalog.plan(&new.plan)) {
         let periodic =
             old_plan.grant == CreditGrant::Period && new_plan.grant == CreditGrant::Period;
@@ -300,17 +316,58 @@ async fn carry_credits(
         {
             let shift = old_end.saturating_sub(new_end).unsigned_abs();
             if old_bucket.id != new_bucket.id && shift <= SAME_PERIOD_SHIFT_MS.unsigned_abs() {
-                let left = gw.ledger.credit_balance(&old.id, &old_bucket).await?;
                 let top_up = new_plan.credits.saturating_sub(old_plan.credits);
-                gw.ledger
-                    .reset_credits(&new.id, &new_bucket, left.saturating_add(top_up))
-                    .await?;
-                return Ok(());
+                return Some(CreditChange::Carry {
+                    from: old_bucket,
+                    to: new_bucket,
+                    add: top_up,
+                });
             }
         }
     }
-    plan_change::apply_upgrade_difference(gw.ledger.as_ref(), catalog, old, new, now_ms).await?;
-    Ok(())
+    plan_change::upgrade_difference(catalog, old, new, now_ms)
+}
+
+/// Writes a subscription event's change with its credits in one guarded step: decided on the
+/// account as read, applied only if it is still that account and no later event of the
+/// subscription was applied (then `Stale`); read again and decided again on a conflict.
+async fn apply_subscription(
+    gw: &Gateway,
+    catalog: &Catalog,
+    customer: &str,
+    mut account: Account,
+    change: &SubscriptionChange,
+    order: Option<&SubscriptionEvent>,
+) -> Result<Outcome, GatewayError> {
+    let change = change.account_change();
+    for attempt in 0..plan_change::MAX_ATTEMPTS {
+        let new = change.applied_to(&account);
+        if new == account && order.is_none() {
+            return Ok(Outcome::Unchanged);
+        }
+        let now_ms = gw.now_ms();
+        let credits: Vec<CreditChange> = carry_credits(catalog, &account, &new, now_ms)
+            .into_iter()
+            .collect();
+        match gw
+            .ledger
+            .change_account_if(&account, &change, &credits, order)
+            .await?
+        {
+            GuardedChange::Applied(_) if new == account => return Ok(Outcome::Unchanged),
+            GuardedChange::Applied(_) => {
+                gw.keys.clear();
+                return Ok(Outcome::Applied);
+            }
+            GuardedChange::Stale { .. } => return Ok(Outcome::Stale),
+            GuardedChange::Conflict => plan_change::retry_pause(attempt).await,
+        }
+        match gw.ledger.account_by_stripe_customer(customer).await? {
+            Some(fresh) => account = fresh,
+            None => return Ok(Outcome::Ignored("no account has this Stripe customer")),
+        }
+    }
+    Err(plan_change::too_contended(&account.id).into())
 }
 
 /// `customer` as an id, or the id of an expanded customer object.
@@ -334,18 +391,14 @@ struct SubscriptionChange {
 }
 
 impl SubscriptionChange {
-    fn applied_to(&self, account: &Account) -> Account {
-        let mut new = account.clone();
-        if let Some(plan) = &self.plan {
-            new.plan = plan.clone();
+    /// The account fields this event writes (only those it names).
+    fn account_change(&self) -> AccountChange {
+        AccountChange {
+            plan: self.plan.clone(),
+            status: self.status,
+            period_anchor_ms: self.period_end_ms,
+            ..AccountChange::default()
         }
-        if let Some(status) = self.status {
-            new.status = status;
-        }
-        if let Some(end) = self.period_end_ms {
-            new.period_anchor_ms = end;
-        }
-        new
     }
 }
 

@@ -1,10 +1,11 @@
 //! The production [`Ledger`]: Redis without Lua. Decides how each ledger step maps onto Redis
 //! commands so that it is atomic, exactly-once and never overspends, using only single commands,
-//! `MULTI/EXEC` transactions and apply-then-compensate (no `EVAL`, no `FUNCTION`, no `WATCH`).
+//! `MULTI/EXEC` transactions and apply-then-compensate (no `EVAL`, no `FUNCTION`); `WATCH` only
+//! for guarded account changes, on a connection of their own ([`guarded`]).
 //! The key layout is in [`schema`](super::schema).
 //!
 //! Files: this one maps each [`Ledger`] step onto commands; [`link`] is the connection and its
-//! shared transactions; [`repair`] retries second steps that failed (guarded, exactly once);
+//! shared transactions; [`guarded`] the account changes that depend on what they read; [`repair`] retries second steps that failed (guarded, exactly once);
 //! [`records`] encodes and decodes the stored hashes and JSON.
 //!
 //! # Connection
@@ -44,7 +45,19 @@
 //!   refunded r }`.
 //! - accounts: `HSETNX` of every field in one `MULTI` (all or nothing; the signup bucket's
 //!   `SET NX` in the same transaction, deleted again when the account already existed).
-//! - keys: `INCR cg:keyseq`, then `MULTI { SET cg:key:<hash>; SET cg:keyid:<id>; ZADD keys }`.
+//!   `change_account` (2): `HEXISTS`, then `MULTI { HSET <only the changed fields>; HGETALL }`.
+//!   `change_account_if` (4, own connection): `WATCH acct subs; HGETALL acct; HGET subs <sub>`,
+//!   compare, then `MULTI { HSET fields; HSET subs <sub> <created>; credit writes; HGETALL }`;
+//!   a nil `EXEC` is a conflict (the caller reads again and retries).
+//! - keys (3): `MULTI { SET cg:key:<hash>; SET cg:keyid:<id> }` (the record, unusable until in
+//!   the zset), the claim `MULTI { INCR keyseq; ZADD keys +inf <id>; ZCARD keys; ZREVRANGEBYSCORE
+//!   keys (+inf -inf WITHSCORES LIMIT 0 1 }`, then within the slots `ZADD keys XX <seq> <id>` (its
+//!   place in creation order, above keys scored by the old global sequence); over the slots the
+//!   claim is compensated with `MULTI { ZREM keys <id>; DEL record, keyid }` (either retried in
+//!   the background when it fails). At most `slots` claimed keys are ever in the zset; a refusal
+//!   happens only while every slot is taken or another refused key is still being removed (so a
+//!   creation racing a revoke may be refused). A key waiting at `+inf` ranks after every placed
+//!   one, so it never takes a claimed key's slot.
 //!
 //! # Shared transactions
 //!
@@ -68,6 +81,11 @@
 //! - the gateway process dies between a refused `DECRBY` and its compensation: the bucket stays
 //!   short by that amount until its period ends (no reservation succeeds against the shortfall;
 //!   readers see 0 at worst).
+//! - the gateway process dies between a refused key's claim and its removal: that key stays at
+//!   `+inf`, listed by the admin API after the claimed ones (unusable while the slots before it
+//!   are taken, and counted, so it holds a slot until revoked by its id); nobody holds its
+//!   secret. A crash before the claim leaves only an unreachable record; one between a claim
+//!   and its placing leaves a usable key at `+inf` (last in slot order).
 //!
 //! A reservation whose outcome is unknown (its trip timed out or the connection dropped) is
 //! refunded in full in the background once the store answers again (the gateway answered 503
@@ -75,10 +93,13 @@
 //!
 //! # Redis Cluster
 //!
-//! All money steps touch one account's slot. Three steps also touch global keys and so need a
-//! single node (or a future split into ordered single-slot steps): `insert_key`/`revoke_key`/
-//! `active_keys` (`cg:key:*`, `cg:keyid:*`) and the `XADD cg:outbox` of `reserve_spend`.
+//! All money steps touch one account's slot, as do the key sequence and the slot claim of
+//! `insert_key`. Some steps also touch global keys and so need a single node (or a future split
+//! into ordered single-slot steps): the key records of `insert_key`/`revoke_key`/`active_keys`
+//! (`cg:key:*`, `cg:keyid:*`), the customer index written with an account change
+//! (`cg:customer:*`) and the `XADD cg:outbox` of `reserve_spend`.
 
+mod guarded;
 mod link;
 mod records;
 mod repair;
@@ -93,13 +114,16 @@ use redis::{Cmd, FromRedisValue, Pipeline, RedisError, Value};
 use tokio::sync::{OnceCell, Semaphore};
 
 use self::link::Link;
-use self::records::{account_fields, parse_account, parse_key, spend_record_fields, to_json};
+use self::records::{
+    account_fields, change_fields, parse_account, parse_key, spend_record_fields, to_json,
+};
 use self::repair::{Adjust, Fix, MAX_PENDING_REPAIRS};
 use super::schema::{self, account_field as af, outbox_field as of, rsv_field as rf};
 use super::{
-    Account, CreditBucket, CreditReservation, CreditReserveOutcome, IdempotencyClaim, KeyRecord,
-    Ledger, SettleOutcome, SpendReservation, SpendReserveOutcome, StoreError, StoreResult,
-    StripeEventClaim,
+    Account, AccountChange, CreditBucket, CreditChange, CreditReservation, CreditReserveOutcome,
+    GuardedChange, IdempotencyClaim, KeyRecord, KeySlotClaim, Ledger, SettleOutcome,
+    SpendReservation, SpendReserveOutcome, StoreError, StoreResult, StripeEventClaim,
+    SubscriptionEvent,
 };
 use crate::clock::{Clock, SystemClock};
 
@@ -379,62 +403,119 @@ impl Ledger for RedisLedger {
         parse_account(&key, h).map(Some)
     }
 
-    /// Overwrites every field; on a missing account this creates it (callers read first).
-    async fn update_account(&self, account: &Account) -> StoreResult<()> {
+    async fn change_account(
+        &self,
+        account_id: &str,
+        change: &AccountChange,
+    ) -> StoreResult<Option<Account>> {
         let link = self.link().await?;
-        let key = schema::account(&account.id);
+        let key = schema::account(account_id);
+        // Accounts are never deleted: one that exists now still exists at the write (which
+        // would otherwise create a partial hash).
+        let exists: bool = link
+            .cmd(redis::cmd("HEXISTS").arg(&key).arg(af::ID))
+            .await?;
+        if !exists {
+            return Ok(None);
+        }
         let mut p = redis::pipe();
         p.atomic();
-        p.cmd("HSET")
-            .arg(&key)
-            .arg(account_fields(account))
-            .ignore();
+        let fields = change_fields(change);
+        if !fields.is_empty() {
+            p.cmd("HSET").arg(&key).arg(&fields).ignore();
+        }
         // A previous customer's index entry is left behind: lookups check it against the account.
-        if let Some(customer) = &account.stripe_customer_id {
+        if let Some(customer) = &change.stripe_customer_id {
             p.cmd("SET")
                 .arg(schema::stripe_customer(customer))
-                .arg(&account.id)
+                .arg(account_id)
                 .ignore();
         }
-        let () = link.pipe(&p).await?;
-        Ok(())
+        p.cmd("HGETALL").arg(&key);
+        let (after,): (HashMap<String, String>,) = link.pipe(&p).await?;
+        parse_account(&key, after).map(Some)
     }
 
-    async fn set_spending_limit(&self, account_id: &str, cents: u64) -> StoreResult<()> {
-        let link = self.link().await?;
-        let _: i64 = link
-            .cmd(
-                redis::cmd("HSET")
-                    .arg(schema::account(account_id))
-                    .arg(af::SPENDING_LIMIT_CENTS)
-                    .arg(cents.to_string()),
-            )
-            .await?;
-        Ok(())
+    async fn change_account_if(
+        &self,
+        expected: &Account,
+        change: &AccountChange,
+        credits: &[CreditChange],
+        event: Option<&SubscriptionEvent>,
+    ) -> StoreResult<GuardedChange> {
+        self.guarded_change(expected, change, credits, event).await
     }
 
-    async fn insert_key(&self, key_hash: &str, key: &KeyRecord) -> StoreResult<()> {
+    async fn insert_key(
+        &self,
+        key_hash: &str,
+        key: &KeyRecord,
+        slots: u64,
+    ) -> StoreResult<KeySlotClaim> {
+        if !key.revoked && slots == 0 {
+            return Ok(KeySlotClaim::Full);
+        }
         let link = self.link().await?;
-        let seq: i64 = link.cmd(redis::cmd("INCR").arg(schema::KEY_SEQ)).await?;
+        let record = schema::key_record(key_hash);
+        let id_key = schema::key_id(&key.id);
+        // 1. The record first: unusable until its id is in the account's zset (authentication
+        // takes the slot from there), so a crash before the claim leaves no key behind.
         let mut p = redis::pipe();
         p.atomic();
-        p.cmd("SET")
-            .arg(schema::key_record(key_hash))
-            .arg(to_json(key)?)
-            .ignore();
-        p.cmd("SET")
-            .arg(schema::key_id(&key.id))
-            .arg(key_hash)
-            .ignore();
-        if !key.revoked {
-            p.cmd("ZADD")
-                .arg(schema::account_keys(&key.account_id))
-                .arg(seq)
+        p.cmd("SET").arg(&record).arg(to_json(key)?).ignore();
+        p.cmd("SET").arg(&id_key).arg(key_hash).ignore();
+        let () = link.pipe(&p).await?;
+        if key.revoked {
+            return Ok(KeySlotClaim::Claimed);
+        }
+        // 2. The claim, apply-then-compensate: added at score +inf (after every scored key, so a
+        // refused one never takes the rank of a claimed one, even when its removal is lost),
+        // with the next number of the account's sequence in the same transaction (so numbers
+        // follow the order of the claims). Claimed keys are never removed by a refusal, so at
+        // most `slots` of them are in the zset at any time, and a refusal only happens while
+        // every slot is taken (or a refused one is still being removed).
+        let keys = schema::account_keys(&key.account_id);
+        let mut p = redis::pipe();
+        p.atomic();
+        p.cmd("INCR").arg(schema::key_sequence(&key.account_id));
+        p.cmd("ZADD").arg(&keys).arg("+inf").arg(&key.id).ignore();
+        p.cmd("ZCARD").arg(&keys);
+        p.cmd("ZREVRANGEBYSCORE")
+            .arg(&keys)
+            .arg("(+inf")
+            .arg("-inf")
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(1);
+        let (seq, count, top): (i64, u64, Vec<(String, f64)>) = link.pipe(&p).await?;
+        if count <= slots {
+            // 3. Its place in creation order: the sequence number, above any key scored by the
+            // old global sequence. `XX`: a revoke meanwhile is not undone.
+            let above = top.first().map_or(0, |(_, score)| *score as i64 + 1);
+            let mut place = redis::pipe();
+            place
+                .cmd("ZADD")
+                .arg(&keys)
+                .arg("XX")
+                .arg(seq.max(above))
                 .arg(&key.id)
                 .ignore();
+            if let Err(e) = link.pipe::<()>(&place).await {
+                tracing::warn!(error = %e, key = %key.id, "claimed key not placed; retrying in background");
+                link.retry_idempotent("claimed key", place);
+            }
+            return Ok(KeySlotClaim::Claimed);
         }
-        let () = link.pipe(&p).await?;
-        Ok(())
+        let mut undo = redis::pipe();
+        undo.atomic();
+        undo.cmd("ZREM").arg(&keys).arg(&key.id).ignore();
+        undo.cmd("DEL").arg(&record).arg(&id_key).ignore();
+        if let Err(e) = link.pipe::<()>(&undo).await {
+            tracing::warn!(error = %e, key = %key.id, "refused key not removed; retrying in background");
+            link.retry_idempotent("refused key", undo);
+        }
+        Ok(KeySlotClaim::Full)
     }
 
     async fn key_by_hash(&self, key_hash: &str) -> StoreResult<Option<KeyRecord>> {
@@ -806,7 +887,7 @@ impl Ledger for RedisLedger {
 
 /// Points the customer index at a newly created account: a second, idempotent trip that
 /// overwrites an entry the transaction's `SET NX` left to a stale or other account. A failure
-/// is logged (the `SET NX` usually wrote it already; the next `update_account` writes it again).
+/// is logged (the `SET NX` usually wrote it already; the next change naming it writes it again).
 async fn index_customer(link: &Link, account: &Account) {
     let Some(customer) = &account.stripe_customer_id else {
         return;

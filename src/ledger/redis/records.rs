@@ -1,11 +1,13 @@
-//! How ledger values are stored: the account hash's fields, key records as JSON, and the
+//! How ledger values are stored: the account hash's fields (all, or those a change names), key records as JSON, and the
 //! fields of a pay-per-use reservation record (names from [`schema`](crate::ledger::schema)).
 
 use std::collections::HashMap;
 
 use super::corrupt;
 use crate::ledger::schema::{self, account_field as af, rsv_field as rf};
-use crate::ledger::{Account, ChargeMeta, KeyRecord, StoreResult, SubscriptionStatus};
+use crate::ledger::{
+    Account, AccountChange, ChargeMeta, KeyRecord, StoreResult, SubscriptionStatus,
+};
 
 pub(super) fn account_fields(a: &Account) -> Vec<(&'static str, String)> {
     vec![
@@ -24,6 +26,30 @@ pub(super) fn account_fields(a: &Account) -> Vec<(&'static str, String)> {
         ),
         (af::CREATED_MS, a.created_ms.to_string()),
     ]
+}
+
+/// The hash fields a change writes (only those it names), encoded as [`account_fields`] does.
+pub(super) fn change_fields(c: &AccountChange) -> Vec<(&'static str, String)> {
+    let mut fields = Vec::new();
+    if let Some(plan) = &c.plan {
+        fields.push((af::PLAN, plan.clone()));
+    }
+    if let Some(status) = c.status {
+        fields.push((af::STATUS, status.as_str().to_string()));
+    }
+    if let Some(anchor) = c.period_anchor_ms {
+        fields.push((af::PERIOD_ANCHOR_MS, anchor.to_string()));
+    }
+    if let Some(ppu) = c.pay_per_use {
+        fields.push((af::PAY_PER_USE, if ppu { "1" } else { "0" }.to_string()));
+    }
+    if let Some(limit) = c.spending_limit_cents {
+        fields.push((af::SPENDING_LIMIT_CENTS, limit.to_string()));
+    }
+    if let Some(customer) = &c.stripe_customer_id {
+        fields.push((af::STRIPE_CUSTOMER_ID, customer.clone()));
+    }
+    fields
 }
 
 pub(super) fn parse_account(key: &str, mut h: HashMap<String, String>) -> StoreResult<Account> {

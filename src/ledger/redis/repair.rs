@@ -1,6 +1,6 @@
 //! Second steps that must happen exactly once — the compensation of a refused reservation, the
 //! refund of a settled one, the void of one whose outcome is unknown — applied now, or retried in
-//! the background when the store did not answer. Each is guarded by a counter field written in
+//! the background when the store did not answer (as is the idempotent removal of a refused key). Each is guarded by a counter field written in
 //! the same transaction as the money it moves, so a retry after a lost answer is detected.
 
 use std::future::Future;
@@ -77,6 +77,19 @@ impl Link {
             }
         }
         tracing::error!(rsv = %fix.rsv, marker = fix.marker, "ledger fix abandoned after retries");
+    }
+
+    /// Retries an idempotent transaction (applying it twice changes nothing) in the background.
+    pub(super) fn retry_idempotent(&self, what: &'static str, p: Pipeline) {
+        self.spawn_repair(what, move |link| async move {
+            for attempt in 0..REPAIR_ATTEMPTS {
+                tokio::time::sleep(backoff(attempt)).await;
+                if link.pipe::<()>(&p).await.is_ok() {
+                    return;
+                }
+            }
+            tracing::error!(what, "idempotent ledger repair abandoned after retries");
+        });
     }
 
     /// Gives back a reservation whose outcome is unknown, in the background.

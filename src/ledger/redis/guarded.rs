@@ -1,0 +1,155 @@
+//! Account changes that depend on what their caller read — a plan change's top-up, a
+//! subscription event's order — or on a balance (a re-anchored period's), made atomic with
+//! `WATCH`/`MULTI`/`EXEC` on a connection of their own, opened for the one change and closed
+//! after it. Never on the shared multiplexed [`Link`](super::link::Link): `WATCH` belongs to
+//! a connection, so any other caller's `MULTI/EXEC` on it would end (or trip) the watch.
+//! Called by [`Ledger::change_account_if`](crate::ledger::Ledger::change_account_if); the
+//! retry after a [`GuardedChange::Conflict`] is the caller's (it decides again on what it reads).
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisError};
+
+use super::records::{change_fields, parse_account};
+use super::{int, seed_bucket_cmd, unavailable, RedisLedger};
+use crate::ledger::schema;
+use crate::ledger::{
+    Account, AccountChange, CreditBucket, CreditChange, GuardedChange, StoreError, StoreResult,
+    SubscriptionEvent,
+};
+
+impl RedisLedger {
+    /// One attempt: watch the account (and the subscription's event order), check it is still
+    /// `expected`, then write everything in one `MULTI/EXEC` that fails if either key changed.
+    pub(super) async fn guarded_change(
+        &self,
+        expected: &Account,
+        change: &AccountChange,
+        credits: &[CreditChange],
+        event: Option<&SubscriptionEvent>,
+    ) -> StoreResult<GuardedChange> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.command_timeout))
+            .set_response_timeout(None);
+        let mut conn = self
+            .within(
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config),
+            )
+            .await?;
+        let acct = schema::account(&expected.id);
+        let subs = schema::subscription_events(&expected.id);
+        // The balances a carry reads are watched too: a reservation in between is a conflict.
+        let carried: Vec<String> = credits
+            .iter()
+            .filter_map(|c| match c {
+                CreditChange::Carry { from, .. } => Some(schema::balance(&expected.id, &from.id)),
+                _ => None,
+            })
+            .collect();
+        let () = self
+            .query(
+                &mut conn,
+                redis::cmd("WATCH").arg(&acct).arg(&subs).arg(&carried),
+            )
+            .await?;
+        let mut read = redis::pipe();
+        read.cmd("HGETALL").arg(&acct);
+        read.cmd("HGET")
+            .arg(&subs)
+            .arg(event.map_or("", |e| e.subscription_id.as_str()));
+        let (stored, last): (HashMap<String, String>, Option<i64>) =
+            self.within(read.query_async(&mut conn)).await?;
+        if stored.is_empty() || parse_account(&acct, stored)? != *expected {
+            return Ok(GuardedChange::Conflict);
+        }
+        if let (Some(event), Some(last)) = (event, last) {
+            if last > event.created_s {
+                return Ok(GuardedChange::Stale {
+                    last_created_s: last,
+                });
+            }
+        }
+        let mut left: Vec<Option<i64>> = Vec::new();
+        for bal in &carried {
+            left.push(self.query(&mut conn, redis::cmd("GET").arg(bal)).await?);
+        }
+        let mut left = left.into_iter();
+        let mut p = redis::pipe();
+        p.atomic();
+        let fields = change_fields(change);
+        if !fields.is_empty() {
+            p.cmd("HSET").arg(&acct).arg(&fields).ignore();
+        }
+        if let Some(customer) = &change.stripe_customer_id {
+            p.cmd("SET")
+                .arg(schema::stripe_customer(customer))
+                .arg(&expected.id)
+                .ignore();
+        }
+        if let Some(event) = event {
+            p.cmd("HSET")
+                .arg(&subs)
+                .arg(&event.subscription_id)
+                .arg(event.created_s)
+                .ignore();
+        }
+        for credit in credits {
+            match credit {
+                CreditChange::Grant { bucket, amount } => {
+                    let bal = schema::balance(&expected.id, &bucket.id);
+                    p.add_command(seed_bucket_cmd(&bal, bucket)).ignore();
+                    p.cmd("INCRBY").arg(&bal).arg(int(*amount)).ignore();
+                }
+                CreditChange::Reset { bucket, balance } => {
+                    set_balance(&mut p, &expected.id, bucket, int(*balance));
+                }
+                CreditChange::Carry { from, to, add } => {
+                    let had = match left.next().flatten() {
+                        Some(value) => value.max(0),
+                        None => int(from.allowance),
+                    };
+                    set_balance(&mut p, &expected.id, to, had.saturating_add(int(*add)));
+                }
+            }
+        }
+        p.cmd("HGETALL").arg(&acct);
+        // `EXEC` answers nil when a watched key changed: nothing was written.
+        let written: Option<(HashMap<String, String>,)> =
+            self.within(p.query_async(&mut conn)).await?;
+        match written {
+            Some((after,)) => Ok(GuardedChange::Applied(parse_account(&acct, after)?)),
+            None => Ok(GuardedChange::Conflict),
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut MultiplexedConnection,
+        cmd: &redis::Cmd,
+    ) -> StoreResult<T> {
+        self.within(cmd.query_async(conn)).await
+    }
+
+    /// One step of a guarded change, under the ledger's command timeout.
+    async fn within<T>(&self, f: impl Future<Output = Result<T, RedisError>>) -> StoreResult<T> {
+        match pingora::time::fast_timeout::fast_timeout(self.command_timeout, f).await {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => Err(StoreError::Timeout),
+        }
+    }
+}
+
+/// `SET bal <balance> [PXAT exp]` into the transaction.
+fn set_balance(p: &mut redis::Pipeline, account_id: &str, bucket: &CreditBucket, balance: i64) {
+    let cmd = p
+        .cmd("SET")
+        .arg(schema::balance(account_id, &bucket.id))
+        .arg(balance);
+    if let Some(exp) = bucket.expires_at_ms {
+        cmd.arg("PXAT").arg(exp);
+    }
+    cmd.ignore();
+}
