@@ -46,6 +46,7 @@ fn reservation(record_ttl_ms: i64) -> CreditReservation {
             created_ms: 0,
         },
         record_ttl_ms,
+        lease_until_ms: i64::MAX,
     }
 }
 

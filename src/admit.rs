@@ -226,6 +226,7 @@ async fn reserve_timed(
         credit_record_ttl_ms: gw.config.credit_record_ttl_ms(),
         spend_record_ttl_ms: gw.config.spend_record_ttl_ms(),
         report_to_stripe: gw.config.stripe.enabled,
+        lease_ms: gw.config.lease_ms(),
     };
     let started = std::time::Instant::now();
     let reserved = reserve::reserve(

@@ -139,6 +139,14 @@ pub struct BillingConfig {
     /// reservation records live only as long as settlement can need them
     /// ([`Config::credit_record_ttl_ms`]).
     pub reservation_ttl_s: u64,
+    /// What the sweeper does with a hold whose lease ended unsettled (its gateway died or lost
+    /// the store mid-request): `refund` (default; the client got no result) or `keep`.
+    pub orphan_policy: crate::ledger::OrphanPolicy,
+    /// A hold's lease is the longest request (connect + read timeout) plus this grace, so a
+    /// request still waiting for its upstream is never swept ([`Config::lease_ms`]).
+    pub lease_grace_ms: u64,
+    /// How often each instance's sweeper looks for holds whose lease ended.
+    pub sweep_interval_ms: u64,
 }
 
 impl Default for BillingConfig {
@@ -147,6 +155,9 @@ impl Default for BillingConfig {
             default_spending_limit_cents: 5000,
             key_cache_ttl_ms: 500,
             reservation_ttl_s: 7 * 24 * 3600,
+            orphan_policy: crate::ledger::OrphanPolicy::Refund,
+            lease_grace_ms: 60_000,
+            sweep_interval_ms: 5_000,
         }
     }
 }
@@ -228,19 +239,27 @@ pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
 
 impl Config {
     /// How long a credit reservation record is kept: nothing reads it after its request is
-    /// settled, so it lives for the longest request (connect + read timeout) plus ten minutes
-    /// for retried refunds, at least an hour, at most `billing.reservation_ttl_s`. (At 7 days it
+    /// settled, so it lives for the hold's lease ([`Config::lease_ms`]) plus ten minutes for the
+    /// sweeper and retried refunds, at least an hour, at most `billing.reservation_ttl_s`. (At 7 days it
     /// held ~200 bytes of Redis per billed request for a week.)
     pub fn credit_record_ttl_ms(&self) -> i64 {
-        let longest_request = self
-            .upstream
-            .connect_timeout_ms
-            .saturating_add(self.upstream.read_timeout_ms);
-        let needed = longest_request
-            .saturating_add(10 * 60 * 1000)
-            .max(3600 * 1000);
+        // The lease covers the longest request (connect + read timeout + grace); the sweeper
+        // needs the record for a while after it ends.
+        let lease = u64::try_from(self.lease_ms()).unwrap_or(u64::MAX);
+        let needed = lease.saturating_add(10 * 60 * 1000).max(3600 * 1000);
         let cap = self.billing.reservation_ttl_s.saturating_mul(1000);
         i64::try_from(needed.min(cap)).unwrap_or(i64::MAX)
+    }
+
+    /// How long a hold is leased to the request that made it: connect + read timeout +
+    /// `billing.lease_grace_ms`. Unsettled after that, the sweeper settles it.
+    pub fn lease_ms(&self) -> i64 {
+        let ms = self
+            .upstream
+            .connect_timeout_ms
+            .saturating_add(self.upstream.read_timeout_ms)
+            .saturating_add(self.billing.lease_grace_ms);
+        i64::try_from(ms).unwrap_or(i64::MAX)
     }
 
     /// How long a pay-per-use reservation record is kept (`billing.reservation_ttl_s`).
@@ -432,6 +451,26 @@ impl Config {
                 "must be at least 3600".into(),
             ));
         }
+        // The sweeper must find a hold's record after its lease (plus a few sweeps).
+        let sweep_after = self.lease_ms().saturating_add(10 * 60 * 1000);
+        if self.credit_record_ttl_ms() < sweep_after {
+            p.push((
+                "billing.reservation_ttl_s".into(),
+                "must exceed the hold lease (upstream connect + read timeout + billing.lease_grace_ms) by 10 minutes".into(),
+            ));
+        }
+        if !(1_000..=3_600_000).contains(&self.billing.lease_grace_ms) {
+            p.push((
+                "billing.lease_grace_ms".into(),
+                "must be between 1000 and 3600000".into(),
+            ));
+        }
+        if !(100..=600_000).contains(&self.billing.sweep_interval_ms) {
+            p.push((
+                "billing.sweep_interval_ms".into(),
+                "must be between 100 and 600000".into(),
+            ));
+        }
         if self.stripe.enabled
             && !(self.stripe.api_base.starts_with("http://")
                 || self.stripe.api_base.starts_with("https://"))
@@ -495,15 +534,25 @@ mod tests {
         let c = Config::parse("t.toml", &slow).expect("valid");
         assert_eq!(
             c.credit_record_ttl_ms(),
-            2000 + 7_200_000 + 600_000,
-            "connect + read + 10 min"
+            2000 + 7_200_000 + 60_000 + 600_000,
+            "lease (connect + read + grace) + 10 min"
         );
-        let capped = format!("{slow}[billing]\nreservation_ttl_s = 3600\n");
+        let capped =
+            format!("{base}read_timeout_ms = 600000\n[billing]\nreservation_ttl_s = 3600\n");
         let c = Config::parse("t.toml", &capped).expect("valid");
         assert_eq!(
             c.credit_record_ttl_ms(),
             3600 * 1000,
             "never past reservation_ttl_s"
+        );
+        // A record that would expire before the sweeper can settle its hold is refused.
+        let short = format!("{slow}[billing]\nreservation_ttl_s = 3600\n");
+        let problems = Config::parse("t.toml", &short).err().expect("refused");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.to_string().contains("billing.reservation_ttl_s")),
+            "{problems:?}"
         );
     }
 

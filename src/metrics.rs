@@ -76,6 +76,16 @@ metric!(CATALOG_RELOADS: IntCounterVec = register_int_counter_vec!(
     "Catalog reload attempts by trigger and result.",
     &["trigger", "result"]
 ));
+metric!(ORPHANS: IntCounterVec = register_int_counter_vec!(
+    "creditgate_orphans_total",
+    "Holds whose lease ended unsettled, settled by the sweeper, by orphan policy (refund, keep).",
+    &["policy"]
+));
+metric!(SWEEPS: IntCounterVec = register_int_counter_vec!(
+    "creditgate_sweeps_total",
+    "Sweeper runs by result (ok, error), and refunds it finished (result finished_refund).",
+    &["result"]
+));
 metric!(SETTLEMENT_FAILURES: IntCounterVec = register_int_counter_vec!(
     "creditgate_settlement_failures_total",
     "Settlements that could not be written to the store (the charge stands).",

@@ -58,6 +58,8 @@ pub struct ReserveSettings {
     pub credit_record_ttl_ms: i64,
     pub spend_record_ttl_ms: i64,
     pub report_to_stripe: bool,
+    /// How long the hold is leased to this request ([`crate::config::Config::lease_ms`]).
+    pub lease_ms: i64,
 }
 
 pub async fn reserve(
@@ -93,6 +95,7 @@ pub async fn reserve(
                 amount: total,
                 meta: meta.clone(),
                 record_ttl_ms: settings.credit_record_ttl_ms,
+                lease_until_ms: now_ms.saturating_add(settings.lease_ms),
             };
             if let CreditReserveOutcome::Reserved { remaining } = ledger.reserve_credits(&r).await?
             {
@@ -132,6 +135,7 @@ pub async fn reserve(
                 meta: meta.clone(),
                 report,
                 record_ttl_ms: settings.spend_record_ttl_ms,
+                lease_until_ms: now_ms.saturating_add(settings.lease_ms),
             };
             return match ledger.reserve_spend(&r).await? {
                 SpendReserveOutcome::Reserved { spent_micro } => Ok(Reservation {

@@ -35,6 +35,7 @@ use crate::metrics::{self, MetricsApp};
 use crate::proxy::CreditGateProxy;
 use crate::reloader::Reloader;
 use crate::stripe::StripeReporter;
+use crate::sweeper::Sweeper;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +169,10 @@ pub fn build_server(gw: Arc<Gateway>) -> Server {
     server.add_service(pingora::services::background::background_service(
         "catalog reloader",
         Reloader { gw: gw.clone() },
+    ));
+    server.add_service(pingora::services::background::background_service(
+        "hold sweeper",
+        Sweeper { gw: gw.clone() },
     ));
     server.add_service(pingora::services::background::background_service(
         "graceful stop",

@@ -1,8 +1,9 @@
 //! Settlement, called from `logging` once the exchange is over: an upstream 2xx keeps the charge
 //! (less the images an `X-Images-Generated` header says were not made); anything else — 4xx, 5xx,
 //! connect failure, timeout, no upstream answer — refunds it. A reservation settles exactly once
-//! (the ledger guards it); a full 2xx on credits needs no store call at all. [`finish`] is the
-//! whole step as the proxy calls it: decide, write (timed, retried, logged), count.
+//! (the ledger guards it); a kept charge's mark is written off the response's critical path.
+//! [`finish`] is the whole step as the proxy calls it: decide, write (timed, retried, logged),
+//! count. A hold whose settlement never lands (the gateway died) is settled by the sweeper.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,19 +80,18 @@ pub async fn settle(
     reservation: &Reservation,
     settlement: Settlement,
 ) -> Result<SettleOutcome, StoreError> {
-    // A fully kept credit charge needs no bookkeeping: the reservation record expires by itself.
-    // Pay-per-use charges are marked settled so the Stripe worker reports them at once.
-    if settlement.refunded == 0 && matches!(reservation.payment, Payment::Credits { .. }) {
-        return Ok(SettleOutcome::Settled);
-    }
+    // A kept charge is marked settled too: the sweeper would otherwise take its hold for an
+    // orphan once the lease ends, and the Stripe reporter waits for the mark.
     let mut delay = Duration::from_millis(20);
     let mut attempt = 0;
     loop {
+        // One settler for every attempt: a retry after a lost answer finishes its own refund.
         match ledger
-            .settle(
+            .settle_as(
                 &reservation.account_id,
                 &reservation.id,
                 settlement.refunded,
+                "request",
             )
             .await
         {
@@ -107,10 +107,10 @@ pub async fn settle(
 }
 
 /// Settles a finished request's reservation and counts what it kept and gave back. A settlement
-/// with nothing to give back on pay-per-use only writes the "settled" mark the Stripe reporter
-/// waits for, so it runs in the background and does not hold the client's keep-alive connection
-/// (lost in a crash, the mark is replaced by the reporter's lease). Store failures are logged
-/// and counted; the reservation then stands as a charge.
+/// with nothing to give back only writes the "settled" mark (which takes the hold off the
+/// sweeper's list and lets the Stripe reporter report it), so it runs in the background and does
+/// not hold the client's keep-alive connection; lost in a crash, the sweeper settles the hold by
+/// the orphan policy after its lease. Store failures are logged and counted.
 pub async fn finish(
     ledger: &Arc<dyn Ledger>,
     reservation: &Reservation,
@@ -118,7 +118,7 @@ pub async fn finish(
     request_id: &str,
 ) -> Settlement {
     let s = decide(reservation, outcome);
-    if s.refunded == 0 && matches!(reservation.payment, Payment::Spend { .. }) {
+    if s.refunded == 0 {
         let ledger = ledger.clone();
         let held = reservation.clone();
         let request_id = request_id.to_string();

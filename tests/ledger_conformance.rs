@@ -154,6 +154,7 @@ fn credits(account_id: &str, rid: &str, bucket: &CreditBucket, amount: u64) -> C
         amount,
         meta: meta(1, amount),
         record_ttl_ms: DAY_MS,
+        lease_until_ms: i64::MAX,
     }
 }
 
@@ -170,6 +171,7 @@ fn spend(account_id: &str, rid: &str, limit: u64, amount: u64) -> SpendReservati
             value: amount,
         }),
         record_ttl_ms: DAY_MS,
+        lease_until_ms: i64::MAX,
     }
 }
 

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use creditgate::clock::{Clock, FakeClock, SharedClock};
 use creditgate::config::StripeConfig;
 use creditgate::ledger::{
-    ChargeMeta, Ledger, RedisLedger, SettleOutcome, SpendReservation, SpendReserveOutcome,
-    StripeReport,
+    ChargeMeta, Ledger, OrphanPolicy, RedisLedger, SettleOutcome, SpendReservation,
+    SpendReserveOutcome, StripeReport,
 };
 use creditgate::period;
 use creditgate::stripe::{ReporterSettings, ReporterStats, StripeReporter};
@@ -136,6 +136,7 @@ async fn reserve(s: &Setup, rid: &str, amount_micro: u64, limit_micro: u64) -> b
             value: amount_micro,
         }),
         record_ttl_ms: 7 * 24 * 3600 * 1000,
+        lease_until_ms: now + 24 * 3600 * 1000,
     };
     match s.ledger.reserve_spend(&r).await.expect("store answers") {
         SpendReserveOutcome::Reserved { .. } => true,
@@ -396,7 +397,7 @@ async fn refunded_and_void_charges_are_not_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unsettled_charge_waits_for_settlement_or_its_lease() {
+async fn an_unsettled_charge_waits_for_its_settlement_or_the_sweeper() {
     let s = setup().await;
     assert!(reserve(&s, "in-flight", 61_000, u64::MAX / 2).await);
     let worker = start_worker(&s, "w1");
@@ -411,16 +412,35 @@ async fn an_unsettled_charge_waits_for_settlement_or_its_lease() {
     })
     .await;
 
-    // A charge whose gateway died before settling: sent in full once the lease is over.
+    // A charge whose gateway died before settling: not sent on age alone; the sweeper settles
+    // it after its lease by the orphan policy, then it is reported net of that.
     assert!(reserve(&s, "orphan", 61_000, u64::MAX / 2).await);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(s.fake.attempts_for("orphan"), 0);
     s.clock.advance_ms(601_000);
-    eventually("the orphan delivered", || async {
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(s.fake.attempts_for("orphan"), 0, "unsettled: not sent");
+    let after_lease = s.clock.now_ms() + 2 * 24 * 3600 * 1000;
+    let swept = s
+        .ledger
+        .sweep(after_lease, OrphanPolicy::Keep, 100)
+        .await
+        .expect("sweeps");
+    assert_eq!(swept.orphans, 1, "{swept:?}");
+    eventually("the kept orphan delivered", || async {
         s.fake.accepted().len() == 2
     })
     .await;
+    // Under the refund policy an orphan is given back and never reported.
+    assert!(reserve(&s, "refunded-orphan", 61_000, u64::MAX / 2).await);
+    let swept = s
+        .ledger
+        .sweep(after_lease, OrphanPolicy::Refund, 100)
+        .await
+        .expect("sweeps");
+    assert_eq!(swept.orphans, 1, "{swept:?}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
     worker.stop().await;
+    assert_eq!(s.fake.attempts_for("refunded-orphan"), 0);
     let orphan = s
         .fake
         .accepted()

@@ -21,9 +21,9 @@ use async_trait::async_trait;
 
 use super::{
     Account, AccountChange, CreditBucket, CreditChange, CreditReservation, CreditReserveOutcome,
-    GuardedChange, IdempotencyClaim, KeyRecord, KeySlotClaim, Ledger, SettleOutcome,
+    GuardedChange, IdempotencyClaim, KeyRecord, KeySlotClaim, Ledger, OrphanPolicy, SettleOutcome,
     SpendReservation, SpendReserveOutcome, StoreResult, StripeEventClaim, StripeReport,
-    SubscriptionEvent,
+    SubscriptionEvent, SweepReport,
 };
 
 /// Prune expired reservation records every this many new reservations.
@@ -68,6 +68,8 @@ struct Held {
     amount: u64,
     settled: bool,
     expires: Instant,
+    /// When the hold's lease ends (UTC ms, the ledger callers' clock).
+    lease_until_ms: i64,
 }
 
 enum Target {
@@ -125,6 +127,42 @@ impl State {
             self.customers.insert(customer.clone(), account.id.clone());
         }
         Some(account)
+    }
+
+    /// Settles a reservation once (see [`Ledger::settle`]).
+    fn settle(&mut self, account_id: &str, reservation_id: &str, refund: u64) -> SettleOutcome {
+        let key = pair(account_id, reservation_id);
+        let (target, refund) = match self.reservations.get_mut(&key) {
+            None => return SettleOutcome::Unknown,
+            Some(held) if held.expires <= Instant::now() => return SettleOutcome::Unknown,
+            Some(held) if held.settled => return SettleOutcome::AlreadySettled,
+            Some(held) => {
+                held.settled = true;
+                let target = match &held.target {
+                    Target::Credits { bucket } => Target::Credits {
+                        bucket: bucket.clone(),
+                    },
+                    Target::Spend { month } => Target::Spend {
+                        month: month.clone(),
+                    },
+                };
+                (target, refund.min(held.amount))
+            }
+        };
+        if refund > 0 {
+            match target {
+                Target::Credits { bucket } => {
+                    // Buckets are never forgotten here, so the reserved-from bucket exists.
+                    let balance = self.balances.entry(pair(account_id, &bucket)).or_insert(0);
+                    *balance = balance.saturating_add(refund);
+                }
+                Target::Spend { month } => {
+                    let spent = self.spend.entry(pair(account_id, &month)).or_insert(0);
+                    *spent = spent.saturating_sub(refund);
+                }
+            }
+        }
+        SettleOutcome::Settled
     }
 
     fn hold(&mut self, account_id: &str, reservation_id: &str, held: Held) {
@@ -353,6 +391,7 @@ impl Ledger for MemoryLedger {
                 amount: r.amount,
                 settled: false,
                 expires: expiry(r.record_ttl_ms),
+                lease_until_ms: r.lease_until_ms,
             },
         );
         Ok(CreditReserveOutcome::Reserved { remaining })
@@ -390,6 +429,7 @@ impl Ledger for MemoryLedger {
                 amount: r.amount_micro,
                 settled: false,
                 expires: expiry(r.record_ttl_ms),
+                lease_until_ms: r.lease_until_ms,
             },
         );
         if let Some(report) = &r.report {
@@ -410,39 +450,46 @@ impl Ledger for MemoryLedger {
         reservation_id: &str,
         refund: u64,
     ) -> StoreResult<SettleOutcome> {
+        Ok(self.lock().settle(account_id, reservation_id, refund))
+    }
+
+    async fn settle_as(
+        &self,
+        account_id: &str,
+        reservation_id: &str,
+        refund: u64,
+        _settler: &str,
+    ) -> StoreResult<SettleOutcome> {
+        // One lock: a claim and its refund are one step here.
+        Ok(self.lock().settle(account_id, reservation_id, refund))
+    }
+
+    async fn sweep(
+        &self,
+        now_ms: i64,
+        policy: OrphanPolicy,
+        limit: usize,
+    ) -> StoreResult<SweepReport> {
         let mut state = self.lock();
-        let key = pair(account_id, reservation_id);
-        let (target, refund) = match state.reservations.get_mut(&key) {
-            None => return Ok(SettleOutcome::Unknown),
-            Some(held) if held.expires <= Instant::now() => return Ok(SettleOutcome::Unknown),
-            Some(held) if held.settled => return Ok(SettleOutcome::AlreadySettled),
-            Some(held) => {
-                held.settled = true;
-                let target = match &held.target {
-                    Target::Credits { bucket } => Target::Credits {
-                        bucket: bucket.clone(),
-                    },
-                    Target::Spend { month } => Target::Spend {
-                        month: month.clone(),
-                    },
-                };
-                (target, refund.min(held.amount))
-            }
-        };
-        if refund > 0 {
-            match target {
-                Target::Credits { bucket } => {
-                    // Buckets are never forgotten here, so the reserved-from bucket exists.
-                    let balance = state.balances.entry(pair(account_id, &bucket)).or_insert(0);
-                    *balance = balance.saturating_add(refund);
-                }
-                Target::Spend { month } => {
-                    let spent = state.spend.entry(pair(account_id, &month)).or_insert(0);
-                    *spent = spent.saturating_sub(refund);
-                }
+        let live = Instant::now();
+        let due: Vec<(String, String)> = state
+            .reservations
+            .iter()
+            .filter(|(_, h)| !h.settled && h.lease_until_ms < now_ms && h.expires > live)
+            .map(|(k, _)| k.clone())
+            .take(limit)
+            .collect();
+        let mut report = SweepReport::default();
+        for (account_id, reservation_id) in due {
+            report.checked += 1;
+            if state.settle(&account_id, &reservation_id, policy.refund()) == SettleOutcome::Settled
+            {
+                report.orphans += 1;
+                tracing::warn!(account = %account_id, reservation = %reservation_id,
+                    policy = policy.as_str(), "hold settled by the sweeper: its lease ended with no settlement");
             }
         }
-        Ok(SettleOutcome::Settled)
+        Ok(report)
     }
 
     async fn account_by_stripe_customer(&self, customer_id: &str) -> StoreResult<Option<Account>> {

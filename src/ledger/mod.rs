@@ -226,6 +226,8 @@ pub struct CreditReservation {
     pub meta: ChargeMeta,
     /// How long the reservation record is kept (ms).
     pub record_ttl_ms: i64,
+    /// When the hold's lease ends (UTC ms): unsettled by then, the sweeper settles it.
+    pub lease_until_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,6 +250,7 @@ pub struct SpendReservation {
     pub meta: ChargeMeta,
     pub report: Option<StripeReport>,
     pub record_ttl_ms: i64,
+    pub lease_until_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,6 +279,45 @@ pub enum IdempotencyClaim {
     Claimed,
     /// Seen before: the stored record (opaque text written by the caller).
     Existing(String),
+}
+
+/// What the sweeper does with a hold whose lease ended unsettled — its gateway died, or lost
+/// the store, before the request's outcome was written: give it back (the client got no result
+/// the gateway saw), or keep it as a charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OrphanPolicy {
+    #[default]
+    Refund,
+    Keep,
+}
+
+impl OrphanPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refund => "refund",
+            Self::Keep => "keep",
+        }
+    }
+
+    /// The refund to claim an orphan with (clamped to the hold's amount by settlement).
+    pub fn refund(self) -> u64 {
+        match self {
+            Self::Refund => u64::MAX,
+            Self::Keep => 0,
+        }
+    }
+}
+
+/// What one [`Ledger::sweep`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Holds past their lease that were looked at.
+    pub checked: u64,
+    /// Unsettled holds this sweep settled by the policy.
+    pub orphans: u64,
+    /// Refunds claimed by someone else but not (or not exactly once) applied, now exact.
+    pub refunds_finished: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -372,6 +414,29 @@ pub trait Ledger: Send + Sync + 'static {
         reservation_id: &str,
         refund: u64,
     ) -> StoreResult<SettleOutcome>;
+
+    /// [`Ledger::settle`] by a named settler: the retries of one settlement pass the same
+    /// `settler`, so a retry whose first answer was lost finishes its own refund (exactly once);
+    /// a call by another settler never applies a refund it did not claim (only the sweeper
+    /// finishes a claim gone stale).
+    async fn settle_as(
+        &self,
+        account_id: &str,
+        reservation_id: &str,
+        refund: u64,
+        settler: &str,
+    ) -> StoreResult<SettleOutcome>;
+
+    /// Settles every hold whose lease ended before `now_ms` and that nobody settled, by
+    /// `policy`, and finishes refunds that were claimed but not applied exactly once (a crash
+    /// or lost answer between claim and refund). At most `limit` holds per call. Safe to run
+    /// concurrently on every instance: each hold is claimed once, each refund converges to one.
+    async fn sweep(
+        &self,
+        now_ms: i64,
+        policy: OrphanPolicy,
+        limit: usize,
+    ) -> StoreResult<SweepReport>;
 
     /// The account whose `stripe_customer_id` is `customer_id` (the Stripe webhooks' lookup),
     /// kept by `create_account` and the account changes.

@@ -13,6 +13,9 @@
 //! | `cg:{a:<account>}:bal:<bucket id>` | string (int) | credits left in one bucket |
 //! | `cg:{a:<account>}:spend:<yyyymm>` | string (int) | pay-per-use spend of a UTC month, µ$ |
 //! | `cg:{a:<account>}:rsv:<reservation id>` | hash | one reservation ([`rsv_field`]) |
+//! | `cg:{a:<account>}:holds` | zset | reservation ids not yet settled, scored by the end of their lease (UTC ms) |
+//! | `cg:lease:<slot>` | set | accounts with a hold whose lease ends in that 10 s slot (the sweeper's work list) |
+//! | `cg:lease:due` | zset | the slots that have a `cg:lease:<slot>` set, scored by slot number |
 //! | `cg:key:<sha256 hex>` | string (JSON) | a [`KeyRecord`] |
 //! | `cg:keyid:<key id>` | string | the SHA-256 hex of that key |
 //! | `cg:outbox` | stream | pay-per-use charges to report to Stripe ([`outbox_field`]) |
@@ -35,6 +38,30 @@ pub const OUTBOX: &str = "cg:outbox";
 pub const OUTBOX_GROUP: &str = "stripe";
 /// Outbox entries Stripe refused for good, with the error (kept for an operator).
 pub const OUTBOX_DEAD: &str = "cg:outbox:dead";
+
+/// Width of one lease slot: holds whose lease ends within the same 10 s share a work list.
+pub const LEASE_SLOT_MS: i64 = 10_000;
+/// The sweeper's index of slots with work.
+pub const LEASE_DUE: &str = "cg:lease:due";
+/// How long the stub of a settlement claim on a reservation not (yet) written is kept: a
+/// reservation transaction that lands late (its answer was lost to a timeout) merges into it and
+/// is then refunded, not charged.
+pub const CLAIM_STUB_TTL_MS: i64 = 24 * 3600 * 1000;
+
+/// The lease slot of a lease ending at `until_ms`.
+pub fn lease_slot_of(until_ms: i64) -> i64 {
+    until_ms.div_euclid(LEASE_SLOT_MS)
+}
+
+/// `cg:lease:<slot>`
+pub fn lease_slot(slot: i64) -> String {
+    format!("cg:lease:{slot}")
+}
+
+/// `cg:{a:<account>}:holds`
+pub fn holds(account_id: &str) -> String {
+    format!("cg:{}:holds", tag(account_id))
+}
 
 /// How long a month's spend counter lives after its last change: a month plus grace.
 pub const SPEND_TTL_MS: i64 = 40 * 24 * 3600 * 1000;
@@ -163,12 +190,17 @@ pub mod rsv_field {
     pub const UNDONE: &str = "undone";
     /// Settlement claim: UTC ms of the settling call (`HSETNX`).
     pub const SETTLED: &str = "settled";
+    /// Who claimed the settlement (a per-settlement token, or `sweeper`).
+    pub const SETTLER: &str = "settler";
     /// The refund the settling call asked for (before clamping).
     pub const REFUND_DUE: &str = "refund_due";
     /// The refund actually given back (after clamping).
     pub const REFUNDED: &str = "refunded";
-    /// Counts applications of the refund (exactly-once guard).
+    /// Net applications of the refund: each application and each undo of a surplus one moves
+    /// it with the money in one transaction, so the refund stands exactly once when it is 1.
     pub const REFUND_APPLIED: &str = "refund_applied";
+    /// The orphan policy the sweeper settled this hold by (`refund` / `keep`), when it did.
+    pub const ORPHAN: &str = "orphan";
 }
 
 /// Values of [`rsv_field::KIND`] and [`rsv_field::STATE`].
@@ -210,6 +242,7 @@ mod tests {
             balance("acme", "p1777593600000"),
             spend("acme", "202605"),
             reservation("acme", "r1"),
+            holds("acme"),
         ];
         for key in &keys {
             assert_eq!(hash_tag(key), "a:acme", "{key}");

@@ -103,6 +103,8 @@ mod guarded;
 mod link;
 mod records;
 mod repair;
+mod settlement;
+mod sweep;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -118,13 +120,15 @@ use self::records::{
     account_fields, change_fields, parse_account, parse_key, spend_record_fields, to_json,
 };
 use self::repair::{Adjust, Fix, MAX_PENDING_REPAIRS};
+use self::settlement::{Settler, Unlist};
 use super::schema::{self, account_field as af, outbox_field as of, rsv_field as rf};
 use super::{
     Account, AccountChange, CreditBucket, CreditChange, CreditReservation, CreditReserveOutcome,
-    GuardedChange, IdempotencyClaim, KeyRecord, KeySlotClaim, Ledger, SettleOutcome,
+    GuardedChange, IdempotencyClaim, KeyRecord, KeySlotClaim, Ledger, OrphanPolicy, SettleOutcome,
     SpendReservation, SpendReserveOutcome, StoreError, StoreResult, StripeEventClaim,
-    SubscriptionEvent,
+    SubscriptionEvent, SweepReport,
 };
+use crate::apikey::random_id;
 use crate::clock::{Clock, SystemClock};
 
 /// The Redis ledger.
@@ -245,6 +249,47 @@ fn seed_bucket(p: &mut Pipeline, bal: &str, bucket: &CreditBucket) {
     p.add_command(seed_bucket_cmd(bal, bucket));
 }
 
+impl RedisLedger {
+    async fn settle_by(
+        &self,
+        account_id: &str,
+        reservation_id: &str,
+        refund: u64,
+        unlist: Unlist,
+        settler: &str,
+    ) -> StoreResult<SettleOutcome> {
+        let (outcome, _) = self
+            .link()
+            .await?
+            .settle(
+                account_id,
+                reservation_id,
+                refund,
+                unlist,
+                Settler::Request(settler),
+            )
+            .await?;
+        Ok(outcome)
+    }
+}
+
+/// A hold's lease, written in its reserving transaction: the reservation on the account's
+/// unsettled list (scored by the lease's end), and the account on the sweeper's work list of
+/// the 10 s slot the lease ends in.
+fn lease_cmds(account_id: &str, reservation_id: &str, until_ms: i64) -> [Cmd; 3] {
+    let slot = schema::lease_slot_of(until_ms);
+    let mut holds = redis::cmd("ZADD");
+    holds
+        .arg(schema::holds(account_id))
+        .arg(until_ms)
+        .arg(reservation_id);
+    let mut work = redis::cmd("SADD");
+    work.arg(schema::lease_slot(slot)).arg(account_id);
+    let mut due = redis::cmd("ZADD");
+    due.arg(schema::LEASE_DUE).arg(slot).arg(slot);
+    [holds, work, due]
+}
+
 /// Reply `i` of a transaction's replies, as `T` (a missing or unexpected reply names `key`).
 fn reply<T: FromRedisValue>(replies: &mut [Value], i: usize, key: &str) -> StoreResult<T> {
     let value = replies
@@ -259,85 +304,6 @@ fn command(name: &str, key: &str, args: impl redis::ToRedisArgs) -> Cmd {
     let mut c = redis::cmd(name);
     c.arg(key).arg(args);
     c
-}
-
-impl Link {
-    async fn settle(
-        &self,
-        account_id: &str,
-        reservation_id: &str,
-        refund: u64,
-    ) -> StoreResult<SettleOutcome> {
-        let rsv = schema::reservation(account_id, reservation_id);
-        let cmds = vec![
-            command("HSETNX", &rsv, (rf::SETTLED, now_ms())),
-            command("HSETNX", &rsv, (rf::REFUND_DUE, int(refund))),
-            command(
-                "HMGET",
-                &rsv,
-                &[
-                    rf::KIND,
-                    rf::BUCKET,
-                    rf::BUCKET_EXPIRES_MS,
-                    rf::AMOUNT,
-                    rf::STATE,
-                ],
-            ),
-        ];
-        let mut replies = self.transact(cmds).await?;
-        let claimed: i64 = reply(&mut replies, 0, &rsv)?;
-        let fields: Vec<Option<String>> = reply(&mut replies, 2, &rsv)?;
-        let field = |i: usize| fields.get(i).cloned().flatten();
-        let Some(kind) = field(0) else {
-            if claimed == 1 {
-                // Our HSETNX made a stub of a reservation that does not exist: remove it.
-                let _: i64 = self.cmd(redis::cmd("DEL").arg(&rsv)).await?;
-            }
-            return Ok(SettleOutcome::Unknown);
-        };
-        if field(4).as_deref() == Some(schema::STATE_VOID) {
-            return Ok(SettleOutcome::Unknown);
-        }
-        if claimed != 1 {
-            return Ok(SettleOutcome::AlreadySettled);
-        }
-        if refund == 0 {
-            return Ok(SettleOutcome::Settled);
-        }
-        let parse = |i: usize, name: &str| -> StoreResult<String> {
-            field(i).ok_or_else(|| corrupt(&rsv, format!("missing {name}")))
-        };
-        let bucket = parse(1, rf::BUCKET)?;
-        let amount: u64 = parse(3, rf::AMOUNT)?
-            .parse()
-            .map_err(|e| corrupt(&rsv, format!("amount: {e}")))?;
-        let refund = refund.min(amount);
-        if refund == 0 {
-            return Ok(SettleOutcome::Settled);
-        }
-        let adjust = match kind.as_str() {
-            schema::KIND_CREDITS => Adjust::Credits {
-                bal: schema::balance(account_id, &bucket),
-                amount: refund,
-                expires_at_ms: field(2).and_then(|t| t.parse().ok()),
-            },
-            schema::KIND_SPEND => Adjust::Spend {
-                spend: schema::spend(account_id, &bucket),
-                amount: refund,
-            },
-            other => return Err(corrupt(&rsv, format!("unknown kind {other}"))),
-        };
-        let fix = Fix {
-            rsv,
-            marker: rf::REFUND_APPLIED,
-            adjust,
-            fields: vec![(rf::REFUNDED, refund.to_string())],
-            rsv_ttl_ms: None,
-            xdel: None,
-        };
-        self.fix_or_repair(fix).await?;
-        Ok(SettleOutcome::Settled)
-    }
 }
 
 #[async_trait]
@@ -652,12 +618,17 @@ impl Ledger for RedisLedger {
         if let Some(exp) = r.bucket.expires_at_ms {
             fields.push((rf::BUCKET_EXPIRES_MS, exp.to_string()));
         }
-        let cmds = vec![
+        let mut cmds = vec![
             seed_bucket_cmd(&bal, &r.bucket),
             command("DECRBY", &bal, amount),
             command("HSET", &rsv, &fields),
             command("PEXPIRE", &rsv, r.record_ttl_ms.max(1)),
         ];
+        cmds.extend(lease_cmds(
+            &r.account_id,
+            &r.reservation_id,
+            r.lease_until_ms,
+        ));
         let answer = link.transact(cmds).await;
         let left = match answer.and_then(|mut replies| reply::<i64>(&mut replies, 1, &bal)) {
             Ok(left) => left,
@@ -682,6 +653,7 @@ impl Ledger for RedisLedger {
             fields: vec![(rf::STATE, schema::STATE_VOID.to_string())],
             rsv_ttl_ms: Some(schema::VOID_RECORD_TTL_MS),
             xdel: None,
+            unlist: Some((schema::holds(&r.account_id), r.reservation_id.clone())),
         };
         // Refused either way; a failed compensation is retried in the background.
         let _ = link.fix_or_repair(fix).await;
@@ -728,6 +700,11 @@ impl Ledger for RedisLedger {
             ]);
             cmds.push(xadd);
         }
+        cmds.extend(lease_cmds(
+            &r.account_id,
+            &r.reservation_id,
+            r.lease_until_ms,
+        ));
         let reported = r.report.is_some();
         let answer = link.transact(cmds).await.and_then(|mut replies| {
             let spent = reply::<i64>(&mut replies, 0, &spend)?;
@@ -759,6 +736,7 @@ impl Ledger for RedisLedger {
             fields: vec![(rf::STATE, schema::STATE_VOID.to_string())],
             rsv_ttl_ms: Some(schema::VOID_RECORD_TTL_MS),
             xdel: entry,
+            unlist: Some((schema::holds(&r.account_id), r.reservation_id.clone())),
         };
         let _ = link.fix_or_repair(fix).await;
         Ok(SpendReserveOutcome::LimitReached {
@@ -772,10 +750,44 @@ impl Ledger for RedisLedger {
         reservation_id: &str,
         refund: u64,
     ) -> StoreResult<SettleOutcome> {
-        self.link()
-            .await?
-            .settle(account_id, reservation_id, refund)
+        // A settlement that gives nothing back is all there is to it: the hold leaves the
+        // unsettled list in the claim's own transaction.
+        let unlist = match refund {
+            0 => Unlist::OnClaim,
+            _ => Unlist::AfterRefund,
+        };
+        self.settle_by(
+            account_id,
+            reservation_id,
+            refund,
+            unlist,
+            &random_id("st_", 12),
+        )
+        .await
+    }
+
+    async fn settle_as(
+        &self,
+        account_id: &str,
+        reservation_id: &str,
+        refund: u64,
+        settler: &str,
+    ) -> StoreResult<SettleOutcome> {
+        let unlist = match refund {
+            0 => Unlist::OnClaim,
+            _ => Unlist::AfterRefund,
+        };
+        self.settle_by(account_id, reservation_id, refund, unlist, settler)
             .await
+    }
+
+    async fn sweep(
+        &self,
+        now_ms: i64,
+        policy: OrphanPolicy,
+        limit: usize,
+    ) -> StoreResult<SweepReport> {
+        self.link().await?.sweep(now_ms, policy, limit).await
     }
 
     async fn account_by_stripe_customer(&self, customer_id: &str) -> StoreResult<Option<Account>> {

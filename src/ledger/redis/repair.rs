@@ -1,7 +1,18 @@
 //! Second steps that must happen exactly once — the compensation of a refused reservation, the
 //! refund of a settled one, the void of one whose outcome is unknown — applied now, or retried in
-//! the background when the store did not answer (as is the idempotent removal of a refused key). Each is guarded by a counter field written in
-//! the same transaction as the money it moves, so a retry after a lost answer is detected.
+//! the background when the store did not answer (as is the idempotent removal of a refused key).
+//!
+//! Exactly once without Lua: each step is a [`Fix`] whose money change moves a counter field of
+//! the reservation record (`undone`, `refund_applied`) in the same `MULTI/EXEC`, and the
+//! transaction answers the counter's new value. The counter is therefore always the net number
+//! of times the money moved; the step stands exactly once when it is 1. Whoever applies a fix
+//! ([`Link::converge`]) reads the value its own transaction answered and corrects from there:
+//! below 1 → apply, above 1 (an attempt whose answer was lost landed too, or two appliers raced)
+//! → undo one, until it reads 1. Any number of appliers — the request's own retries, the
+//! background repair, the sweeper on another instance — may run at once: each correction is
+//! atomic with the money, so they can only overshoot each other transiently (a surplus refund
+//! of one unit for the few milliseconds until the next correction), never settle on a wrong
+//! amount.
 
 use std::future::Future;
 use std::time::Duration;
@@ -9,8 +20,9 @@ use std::time::Duration;
 use redis::Pipeline;
 
 use super::link::Link;
+use super::settlement::{Settler, Unlist};
 use super::{int, schema};
-use crate::ledger::StoreResult;
+use crate::ledger::{SettleOutcome, StoreResult};
 
 /// Background repairs (retried compensations and refunds) allowed at once; beyond that they
 /// are logged and dropped rather than piling up without bound during a long outage. A repair
@@ -19,6 +31,11 @@ use crate::ledger::StoreResult;
 pub(super) const MAX_PENDING_REPAIRS: usize = 65_536;
 /// Attempts of one background repair, with backoff from 50 ms doubling to at most 2 s (~30 s).
 const REPAIR_ATTEMPTS: u32 = 20;
+/// The settler of a timed-out reservation's void (one per reservation, retried).
+const VOID_SETTLER: &str = "void";
+/// Corrections one applier makes before it leaves the rest to a retry (racing appliers
+/// converge in a step or two; this only bounds a pathological store).
+const MAX_CONVERGE_STEPS: u32 = 16;
 
 impl Link {
     /// Runs `job` in the background unless too many repairs are pending already.
@@ -38,9 +55,15 @@ impl Link {
         });
     }
 
-    /// Applies a guarded fix now; when that fails, keeps retrying it in the background.
+    /// Brings a guarded fix to exactly one application now (see the module doc); when the store
+    /// fails, keeps at it in the background.
     pub(super) async fn fix_or_repair(&self, fix: Fix) -> StoreResult<()> {
-        match self.apply_fix(&fix).await {
+        self.converge_or_repair(fix, 0).await
+    }
+
+    /// [`Link::converge`] from a known counter value; a failure goes on in the background.
+    pub(super) async fn converge_or_repair(&self, fix: Fix, known: i64) -> StoreResult<()> {
+        match self.converge(&fix, known).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::warn!(error = %e, rsv = %fix.rsv, "ledger fix failed; retrying in background");
@@ -50,11 +73,24 @@ impl Link {
         }
     }
 
-    async fn apply_fix(&self, fix: &Fix) -> StoreResult<()> {
-        let (count,): (i64,) = self.pipe(&fix.pipeline()).await?;
-        if count > 1 {
-            tracing::error!(rsv = %fix.rsv, marker = fix.marker, count,
-                "ledger fix applied more than once (an earlier attempt landed late)");
+    /// Moves the fix's counter, with its money, from `count` to exactly 1.
+    pub(super) async fn converge(&self, fix: &Fix, mut count: i64) -> StoreResult<()> {
+        let mut steps = 0;
+        while count != 1 {
+            if steps >= MAX_CONVERGE_STEPS {
+                return Err(crate::ledger::StoreError::Unavailable(format!(
+                    "{} of {} did not settle at 1 (now {count})",
+                    fix.marker, fix.rsv
+                )));
+            }
+            steps += 1;
+            let direction = if count < 1 { 1 } else { -1 };
+            if direction < 0 {
+                tracing::warn!(rsv = %fix.rsv, marker = fix.marker, count,
+                    "ledger fix applied more than once (an attempt landed late); undoing one");
+            }
+            let (after,): (i64,) = self.pipe(&fix.pipeline(direction)).await?;
+            count = after;
         }
         Ok(())
     }
@@ -62,21 +98,18 @@ impl Link {
     async fn retry_fix(self, fix: Fix) {
         for attempt in 0..REPAIR_ATTEMPTS {
             tokio::time::sleep(backoff(attempt)).await;
-            // An attempt whose answer was lost may have landed: the marker says so.
-            let marker: StoreResult<Option<i64>> = self
+            // An attempt whose answer was lost may have landed: the counter says so.
+            let count: StoreResult<Option<i64>> = self
                 .cmd(redis::cmd("HGET").arg(&fix.rsv).arg(fix.marker))
                 .await;
-            match marker {
-                Ok(Some(_)) => return,
-                Ok(None) => {
-                    if self.apply_fix(&fix).await.is_ok() {
-                        return;
-                    }
+            if let Ok(count) = count {
+                if self.converge(&fix, count.unwrap_or(0)).await.is_ok() {
+                    return;
                 }
-                Err(_) => {}
             }
         }
-        tracing::error!(rsv = %fix.rsv, marker = fix.marker, "ledger fix abandoned after retries");
+        tracing::error!(rsv = %fix.rsv, marker = fix.marker,
+            "ledger fix abandoned after retries; the sweeper finishes it after the hold's lease");
     }
 
     /// Retries an idempotent transaction (applying it twice changes nothing) in the background.
@@ -99,15 +132,26 @@ impl Link {
         self.spawn_repair("void", move |link| async move {
             for attempt in 0..REPAIR_ATTEMPTS {
                 tokio::time::sleep(backoff(attempt)).await;
-                if link
-                    .settle(&account_id, &reservation_id, amount)
-                    .await
-                    .is_ok()
-                {
+                // `Unknown`: the reservation's transaction has not landed (yet). The claim's stub
+                // waits for it, so a late landing is refunded by the next attempt or the sweeper.
+                let settled = link
+                    .settle(
+                        &account_id,
+                        &reservation_id,
+                        amount,
+                        Unlist::AfterRefund,
+                        Settler::Request(VOID_SETTLER),
+                    )
+                    .await;
+                if matches!(
+                    settled,
+                    Ok((SettleOutcome::Settled | SettleOutcome::AlreadySettled, _))
+                ) {
                     return;
                 }
             }
-            tracing::error!(rsv = %reservation_id, "unknown reservation outcome not voided");
+            tracing::warn!(rsv = %reservation_id,
+                "unknown reservation outcome not voided yet; the sweeper gives it back after its lease");
         });
     }
 }
@@ -130,7 +174,7 @@ pub(super) enum Adjust {
     Spend { spend: String, amount: u64 },
 }
 
-/// A guarded second step: the money change plus `HINCRBY rsv <marker> 1` in one transaction.
+/// A guarded second step: the money change plus `HINCRBY rsv <marker> ±1` in one transaction.
 pub(super) struct Fix {
     pub(super) rsv: String,
     pub(super) marker: &'static str,
@@ -138,33 +182,47 @@ pub(super) struct Fix {
     pub(super) fields: Vec<(&'static str, String)>,
     pub(super) rsv_ttl_ms: Option<i64>,
     pub(super) xdel: Option<String>,
+    /// The hold to take off the account's unsettled list once the step stands:
+    /// `(cg:{a:<account>}:holds, reservation id)`.
+    pub(super) unlist: Option<(String, String)>,
 }
 
 impl Fix {
-    /// Answers one value: the marker count after this application.
-    fn pipeline(&self) -> Pipeline {
+    /// `direction` 1 applies the step, -1 undoes a surplus application. Answers one value: the
+    /// marker count after it.
+    fn pipeline(&self, direction: i64) -> Pipeline {
         let mut p = redis::pipe();
         p.atomic();
+        let signed = |amount: u64| int(amount).saturating_mul(direction);
         match &self.adjust {
             Adjust::Credits {
                 bal,
                 amount,
                 expires_at_ms,
             } => {
-                p.cmd("INCRBY").arg(bal).arg(int(*amount)).ignore();
+                p.cmd("INCRBY").arg(bal).arg(signed(*amount)).ignore();
                 if let Some(exp) = expires_at_ms {
                     p.cmd("PEXPIREAT").arg(bal).arg(*exp).ignore();
                 }
             }
             Adjust::Spend { spend, amount } => {
-                p.cmd("DECRBY").arg(spend).arg(int(*amount)).ignore();
+                p.cmd("DECRBY").arg(spend).arg(signed(*amount)).ignore();
                 p.cmd("PEXPIRE")
                     .arg(spend)
                     .arg(schema::SPEND_TTL_MS)
                     .ignore();
             }
         }
-        p.cmd("HINCRBY").arg(&self.rsv).arg(self.marker).arg(1);
+        p.cmd("HINCRBY")
+            .arg(&self.rsv)
+            .arg(self.marker)
+            .arg(direction);
+        if direction < 0 {
+            return p;
+        }
+        if let Some((holds, rid)) = &self.unlist {
+            p.cmd("ZREM").arg(holds).arg(rid).ignore();
+        }
         if !self.fields.is_empty() {
             p.cmd("HSET").arg(&self.rsv).arg(&self.fields).ignore();
         }

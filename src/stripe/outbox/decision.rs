@@ -68,7 +68,9 @@ pub(super) fn decide(
         Err(e) => return Decision::Dead(e),
     };
     if !rec.contains_key(rf::SETTLED) {
-        return if young {
+        // Unsettled: the request's own settlement, or the sweeper after the hold's lease,
+        // settles it. Only a record that is gone (it outlived its TTL) leaves the charge standing.
+        return if young || !rec.is_empty() {
             Decision::Wait
         } else {
             Decision::Send(entry.value)
@@ -257,15 +259,16 @@ mod tests {
     }
 
     #[test]
-    fn unsettled_charges_wait_for_the_lease() {
+    fn unsettled_charges_wait_for_their_settlement() {
         let e = entry(300, 300, 1_000);
         assert_eq!(
             decide(&e, &rec(&[]), 1_000 + LEASE - 1, LEASE),
             Decision::Wait
         );
+        // Past the lease too: the sweeper settles the hold (refund or keep), then it is sent.
         assert_eq!(
-            decide(&e, &rec(&[]), 1_000 + LEASE, LEASE),
-            Decision::Send(300)
+            decide(&e, &rec(&[]), 1_000 + 100 * LEASE, LEASE),
+            Decision::Wait
         );
         // A refund being applied waits too, then counts.
         let applying = rec(&[(rf::SETTLED, "1"), (rf::REFUND_DUE, "100")]);

@@ -25,9 +25,9 @@
 //! - settled → value × (amount − refunded) / amount is reported; 0 → acknowledged
 //!   (`skipped_refunded`). A settled record whose refund is still being applied (`refund_due`
 //!   without `refunded`) waits up to the lease, then reports net of `refund_due`;
-//! - not settled and younger than the lease (10 min after the charge) → checked again later;
-//!   older → the charge stands (the gateway died before settling) and the full value is sent;
-//! - record gone (it outlived its TTL) → as unsettled: the charge stands.
+//! - not settled → checked again later, however old: the request's settlement or, after the
+//!   hold's lease, the sweeper settles it (by the orphan policy), so it is reported net of that;
+//! - record gone (it outlived its TTL) → the charge stands and the full value is sent.
 //!
 //! Stripe answers: 2xx or the duplicate-identifier 400 → `XACK` + `XDEL`; 429, 5xx, 401/403
 //! (credentials: nothing is wrong with the charge), timeouts and network errors → the worker
