@@ -547,7 +547,7 @@ mod tests {
         );
         // A record that would expire before the sweeper can settle its hold is refused.
         let short = format!("{slow}[billing]\nreservation_ttl_s = 3600\n");
-        let problems = Config::parse("t.toml", &short).err().expect("refused");
+        let problems = Config::parse("t.toml", &short).expect_err("refused");
         assert!(
             problems
                 .iter()
