@@ -17,8 +17,8 @@ use creditgate::clock::{Clock, FakeClock};
 use creditgate::ledger::{
     Account, AccountChange, ChargeMeta, CreditBucket, CreditChange, CreditReservation,
     CreditReserveOutcome, GuardedChange, KeyRecord, KeySlotClaim, Ledger, MemoryLedger,
-    RedisLedger, SettleOutcome, SpendReservation, SpendReserveOutcome, StoreError, StripeReport,
-    SubscriptionEvent, SubscriptionStatus, PAY_PER_USE_PLAN,
+    OrphanPolicy, RedisLedger, SettleOutcome, SpendReservation, SpendReserveOutcome, StoreError,
+    StripeReport, SubscriptionEvent, SubscriptionStatus, PAY_PER_USE_PLAN,
 };
 use creditgate::period;
 use support::RedisServer;
@@ -109,6 +109,9 @@ conformance!(
     odd_account_ids_stay_separate,
     idempotency_keys_are_claimed_once_per_account,
     spending_limit_changes_only_the_limit,
+    sweep_settles_orphans_by_policy_once,
+    sweep_leaves_settled_and_live_holds_alone,
+    concurrent_sweeps_refund_an_orphan_once,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1005,6 +1008,264 @@ async fn odd_account_ids_stay_separate(b: Backend) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Leases and the sweeper
+
+/// A credit reservation whose lease ends at `lease_until_ms`.
+fn leased(
+    account_id: &str,
+    rid: &str,
+    bkt: &CreditBucket,
+    amount: u64,
+    lease_until_ms: i64,
+) -> CreditReservation {
+    CreditReservation {
+        lease_until_ms,
+        ..credits(account_id, rid, bkt, amount)
+    }
+}
+
+const LEASE_END: i64 = 1_900_000_000_000;
+
+async fn sweep_settles_orphans_by_policy_once(b: Backend) {
+    let bkt = bucket("p-orphans", 100);
+    // Two holds nobody settles (their gateway died), one per policy's account.
+    assert_eq!(
+        reserved(
+            &*b.ledger,
+            &leased("acct-orph-r", "o-1", &bkt, 30, LEASE_END)
+        )
+        .await,
+        70
+    );
+    assert_eq!(
+        reserved(
+            &*b.ledger,
+            &leased("acct-orph-k", "o-2", &bkt, 30, LEASE_END)
+        )
+        .await,
+        70
+    );
+    let spend_hold = SpendReservation {
+        lease_until_ms: LEASE_END,
+        ..spend("acct-orph-r", "o-3", 1_000_000, 72_000)
+    };
+    assert!(matches!(
+        b.ledger.reserve_spend(&spend_hold).await.expect("reserve"),
+        SpendReserveOutcome::Reserved { .. }
+    ));
+    // Before the lease ends nothing is touched.
+    let early = b
+        .ledger
+        .sweep(LEASE_END - 5_000, OrphanPolicy::Refund, 100)
+        .await
+        .expect("sweep");
+    assert_eq!(early.orphans, 0, "{early:?}");
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-orph-r", &bkt)
+            .await
+            .expect("balance"),
+        70
+    );
+
+    let after = LEASE_END + 60_000;
+    let refunded = b
+        .ledger
+        .sweep(after, OrphanPolicy::Refund, 100)
+        .await
+        .expect("sweep");
+    assert_eq!(refunded.orphans, 3, "{refunded:?}");
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-orph-r", &bkt)
+            .await
+            .expect("balance"),
+        100
+    );
+    assert_eq!(
+        b.ledger
+            .month_spend("acct-orph-r", "203104")
+            .await
+            .expect("spend"),
+        0
+    );
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-orph-k", &bkt)
+            .await
+            .expect("balance"),
+        100,
+        "refund policy gives both back"
+    );
+    // Swept once: a second sweep, or a late settlement, changes nothing.
+    let again = b
+        .ledger
+        .sweep(after, OrphanPolicy::Refund, 100)
+        .await
+        .expect("sweep");
+    assert_eq!(again.orphans, 0, "{again:?}");
+    assert_eq!(
+        b.ledger
+            .settle("acct-orph-r", "o-1", 0)
+            .await
+            .expect("settle"),
+        SettleOutcome::AlreadySettled
+    );
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-orph-r", &bkt)
+            .await
+            .expect("balance"),
+        100
+    );
+
+    // Under the keep policy an orphan stands as a charge.
+    assert_eq!(
+        reserved(
+            &*b.ledger,
+            &leased("acct-orph-k", "o-4", &bkt, 30, LEASE_END)
+        )
+        .await,
+        70
+    );
+    let kept = b
+        .ledger
+        .sweep(after, OrphanPolicy::Keep, 100)
+        .await
+        .expect("sweep");
+    assert_eq!(kept.orphans, 1, "{kept:?}");
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-orph-k", &bkt)
+            .await
+            .expect("balance"),
+        70
+    );
+    assert_eq!(
+        b.ledger
+            .sweep(after, OrphanPolicy::Refund, 100)
+            .await
+            .expect("sweep")
+            .orphans,
+        0
+    );
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-orph-k", &bkt)
+            .await
+            .expect("balance"),
+        70
+    );
+}
+
+async fn sweep_leaves_settled_and_live_holds_alone(b: Backend) {
+    let bkt = bucket("p-live", 100);
+    // Kept (2xx), refunded (upstream failed), and one still in flight with a later lease.
+    assert_eq!(
+        reserved(&*b.ledger, &leased("acct-live", "l-1", &bkt, 10, LEASE_END)).await,
+        90
+    );
+    assert_eq!(
+        reserved(&*b.ledger, &leased("acct-live", "l-2", &bkt, 10, LEASE_END)).await,
+        80
+    );
+    assert_eq!(
+        reserved(
+            &*b.ledger,
+            &leased("acct-live", "l-3", &bkt, 10, LEASE_END + 3_600_000)
+        )
+        .await,
+        70
+    );
+    assert_eq!(
+        b.ledger
+            .settle("acct-live", "l-1", 0)
+            .await
+            .expect("settle"),
+        SettleOutcome::Settled
+    );
+    assert_eq!(
+        b.ledger
+            .settle("acct-live", "l-2", 10)
+            .await
+            .expect("settle"),
+        SettleOutcome::Settled
+    );
+    let report = b
+        .ledger
+        .sweep(LEASE_END + 60_000, OrphanPolicy::Refund, 100)
+        .await
+        .expect("sweep");
+    assert_eq!(report.orphans, 0, "{report:?}");
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-live", &bkt)
+            .await
+            .expect("balance"),
+        80
+    );
+    // The in-flight one becomes an orphan only once its own lease is over.
+    let later = b
+        .ledger
+        .sweep(LEASE_END + 3_700_000, OrphanPolicy::Refund, 100)
+        .await
+        .expect("sweep");
+    assert_eq!(later.orphans, 1, "{later:?}");
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-live", &bkt)
+            .await
+            .expect("balance"),
+        90
+    );
+}
+
+async fn concurrent_sweeps_refund_an_orphan_once(b: Backend) {
+    let bkt = bucket("p-csweep", 1000);
+    for i in 0..20 {
+        reserved(
+            &*b.ledger,
+            &leased("acct-csweep", &format!("c-{i}"), &bkt, 7, LEASE_END),
+        )
+        .await;
+    }
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-csweep", &bkt)
+            .await
+            .expect("balance"),
+        860
+    );
+    let second = b.another_instance();
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let ledger = if i % 2 == 0 {
+                b.ledger.clone()
+            } else {
+                second.clone()
+            };
+            tokio::spawn(async move {
+                ledger
+                    .sweep(LEASE_END + 60_000, OrphanPolicy::Refund, 100)
+                    .await
+            })
+        })
+        .collect();
+    let mut orphans = 0;
+    for t in tasks {
+        orphans += t.await.expect("task").expect("sweep").orphans;
+    }
+    assert_eq!(orphans, 20, "each orphan claimed by exactly one sweep");
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-csweep", &bkt)
+            .await
+            .expect("balance"),
+        1000
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Redis only
 
 fn redis_ledger(server: &RedisServer) -> Arc<RedisLedger> {
@@ -1365,6 +1626,126 @@ async fn redis_reservation_is_one_round_trip() {
     assert_eq!(calls("exec"), 1);
     assert_eq!(calls("decrby"), 1);
     assert_eq!(calls("incrby"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sweeper_finishes_a_refund_claimed_but_not_applied() {
+    let server = RedisServer::start();
+    let ledger = redis_ledger(&server);
+    let bkt = bucket("p-claimed", 100);
+    assert_eq!(
+        reserved(
+            &*ledger,
+            &leased("acct-claimed", "x-1", &bkt, 40, LEASE_END)
+        )
+        .await,
+        60
+    );
+    // What a gateway killed between its claim and its refund leaves behind.
+    let mut conn = raw_connection(&server).await;
+    let rsv = "cg:{a:acct-claimed}:rsv:x-1";
+    let () = redis::cmd("HSET")
+        .arg(rsv)
+        .arg(&[
+            ("settled", "1"),
+            ("refund_due", "40"),
+            ("settler", "dead-gateway"),
+        ])
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    // Another settler does not touch a claim it does not own …
+    assert_eq!(
+        ledger
+            .settle("acct-claimed", "x-1", 40)
+            .await
+            .expect("settle"),
+        SettleOutcome::AlreadySettled
+    );
+    assert_eq!(
+        ledger
+            .credit_balance("acct-claimed", &bkt)
+            .await
+            .expect("balance"),
+        60
+    );
+    // … the sweeper finishes it once the claim is stale, exactly once however often it runs.
+    for _ in 0..3 {
+        let report = ledger
+            .sweep(LEASE_END + 60_000, OrphanPolicy::Refund, 100)
+            .await
+            .expect("sweep");
+        assert_eq!(report.orphans, 0, "{report:?}");
+    }
+    assert_eq!(
+        ledger
+            .credit_balance("acct-claimed", &bkt)
+            .await
+            .expect("balance"),
+        100
+    );
+    let applied: i64 = redis::cmd("HGET")
+        .arg(rsv)
+        .arg("refund_applied")
+        .query_async(&mut conn)
+        .await
+        .expect("hget");
+    assert_eq!(applied, 1);
+    let listed: i64 = redis::cmd("ZCARD")
+        .arg("cg:{a:acct-claimed}:holds")
+        .query_async(&mut conn)
+        .await
+        .expect("zcard");
+    assert_eq!(listed, 0, "settled holds leave the list");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_refund_applied_twice_is_undone_to_once() {
+    let server = RedisServer::start();
+    let ledger = redis_ledger(&server);
+    let bkt = bucket("p-twice", 100);
+    assert_eq!(
+        reserved(&*ledger, &leased("acct-twice", "t-1", &bkt, 25, LEASE_END)).await,
+        75
+    );
+    // Two appliers both landed (one's answer was lost): the balance got the refund twice.
+    let mut conn = raw_connection(&server).await;
+    let () = redis::pipe()
+        .atomic()
+        .cmd("HSET")
+        .arg("cg:{a:acct-twice}:rsv:t-1")
+        .arg(&[("settled", "1"), ("refund_due", "25"), ("settler", "gone")])
+        .ignore()
+        .cmd("HINCRBY")
+        .arg("cg:{a:acct-twice}:rsv:t-1")
+        .arg("refund_applied")
+        .arg(2)
+        .ignore()
+        .cmd("INCRBY")
+        .arg("cg:{a:acct-twice}:bal:p-twice")
+        .arg(50)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("pipe");
+    assert_eq!(
+        ledger
+            .credit_balance("acct-twice", &bkt)
+            .await
+            .expect("balance"),
+        125
+    );
+    ledger
+        .sweep(LEASE_END + 60_000, OrphanPolicy::Refund, 100)
+        .await
+        .expect("sweep");
+    assert_eq!(
+        ledger
+            .credit_balance("acct-twice", &bkt)
+            .await
+            .expect("balance"),
+        100
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
