@@ -3,28 +3,38 @@
 //! The request path, top to bottom (one module per step):
 //!
 //! ```text
-//! client ─► proxy::request_filter
+//! client ─► connection                           the proxy's connection loop: the header must
+//!                                                 arrive whole within header_timeout_ms
+//!        ─► proxy::request_filter
 //!             └─ admit::admit
 //!                  ├─ http_limits                 header > max_header_bytes 431; ambiguous
 //!                  │                              Content-Length, Upgrade → 400
 //!                  ├─ rules::canonicalize        one canonical path, ambiguous ones are 400
+//!                  ├─ stripe::webhook             POST /webhooks/stripe: signature, applied once
 //!                  ├─ billing_api                 /api/credits/balance, /api/subscription, …
 //!                  │                              answered here, never proxied
 //!                  ├─ rules::Catalog::match_route unknown routes are 404, never proxied
 //!                  ├─ auth::authenticate          key hash → Principal (cached ≤ 1 s), slots
+//!                  ├─ ratelimit                   per key, per plan (governor, per instance)
 //!                  ├─ rules::quote                operation × model × quantity → credits / µ$
+//!                  ├─ idempotency::check          Idempotency-Key: replay, 409 or 422
 //!                  └─ reserve::reserve            credits first, else pay-per-use under the
-//!                                                 monthly limit: ONE store round trip
+//!                                                 monthly limit: ONE store round trip, which
+//!                                                 also leases the hold to this request
 //!          ─► proxy::upstream_peer                no I/O, no billing (it runs again on retries)
 //!          ─► headers::prepare_upstream_request   key stripped, spoofed gateway headers removed
 //!          ─► backend
-//!          ◄─ proxy::response_filter              X-Credits-* / X-Charge-* headers
-//!          ◄─ proxy::logging → settle::settle     2xx keeps, anything else refunds, once
+//!          ◄─ proxy::upstream_response_filter     settle::UpstreamOutcome::from_response
+//!          ◄─ proxy::response_filter              headers::billing_headers
+//!          ◄─ proxy::logging → settle::finish     2xx keeps, anything else refunds, once;
+//!                                                 idempotency::conclude; logging::RequestLine
 //! ```
 //!
-//! Beside it: `admin_api` (accounts, keys, grants, catalog), `live_catalog` (hot reload),
-//! `ledger` (Redis without Lua, or memory), `metrics`, `server` (start-up), `cli`, `connection`
-//! (the proxy's connection loop: header arrival deadline, graceful stop).
+//! Beside it: `sweeper` (settles holds whose lease ended unsettled — a killed gateway, a hung
+//! store — by `billing.orphan_policy`, and finishes refunds claimed but not applied),
+//! `admin_api` (accounts, keys, grants, catalog, `/openapi.json`), `live_catalog` + `reloader`
+//! (hot reload), `ledger` (Redis without Lua, or memory), `stripe` (meter-event outbox,
+//! webhooks), `metrics`, `server` (start-up), `cli`, `failpoint` (fault-test hooks).
 
 pub mod admin_api;
 pub mod admit;
