@@ -113,7 +113,21 @@ impl Fixture {
         key: Option<&ApiKey>,
         body: &str,
     ) -> (Result<Admission, GatewayError>, String) {
+        self.admit_with(method, target, key, body, &[]).await
+    }
+
+    async fn admit_with(
+        &self,
+        method: &str,
+        target: &str,
+        key: Option<&ApiKey>,
+        body: &str,
+        extra: &[(&'static str, &str)],
+    ) -> (Result<Admission, GatewayError>, String) {
         let mut header = RequestHeader::build(method, target.as_bytes(), None).expect("request");
+        for (name, value) in extra {
+            header.insert_header(*name, *value).expect("header");
+        }
         header
             .insert_header("content-type", "application/json")
             .expect("header");
@@ -298,20 +312,11 @@ async fn an_idempotency_key_in_flight_is_not_charged_twice() {
     let body = r#"{"model":"nano-banana-pro"}"#;
     let mut outcomes = Vec::new();
     for _ in 0..2 {
-        let mut header = RequestHeader::build("POST", RELIGHT.as_bytes(), None).expect("req");
-        for (name, value) in [
-            ("content-type", "application/json".to_string()),
-            ("authorization", format!("Bearer {}", key.expose())),
-            ("idempotency-key", "order-1".to_string()),
-        ] {
-            header.insert_header(name, value).expect("header");
-        }
-        let mut req = BufferedRequest {
-            header,
-            body: Bytes::from(body),
-        };
-        let mut route = String::new();
-        outcomes.push(admit(&f.gw, &mut req, &mut route).await);
+        let extra = [("idempotency-key", "order-1")];
+        let (admitted, _) = f
+            .admit_with("POST", RELIGHT, Some(&key), body, &extra)
+            .await;
+        outcomes.push(admitted);
     }
     assert!(matches!(outcomes[0], Ok(Admission::Forward(_))));
     assert_eq!(
