@@ -5,7 +5,9 @@
 //! The key layout is in [`schema`](super::schema).
 //!
 //! Files: this one maps each [`Ledger`] step onto commands; [`link`] is the connection and its
-//! shared transactions; [`guarded`] the account changes that depend on what they read; [`repair`] retries second steps that failed (guarded, exactly once);
+//! shared transactions; [`guarded`] the account changes that depend on what they read;
+//! [`settlement`] the claim and its exactly-once refund; [`repair`] second steps brought to
+//! exactly one application (now or in the background); [`sweep`] the lease sweeper's walk;
 //! [`records`] encodes and decodes the stored hashes and JSON.
 //!
 //! # Connection
@@ -27,22 +29,26 @@
 //! # Steps (round trips on the success path)
 //!
 //! - `reserve_credits` (1): `MULTI { SET bal <allowance> NX [PXAT exp]; DECRBY bal n;
-//!   HSET rsv …; PEXPIRE rsv ttl }`. A negative result is compensated (second trip, refusal
+//!   HSET rsv …; PEXPIRE rsv ttl; ZADD holds <lease end> rid; SADD cg:lease:<slot> account;
+//!   ZADD cg:lease:due <slot> <slot> }` — the hold and its lease in the same step. A negative result is compensated (second trip, refusal
 //!   path only): `MULTI { INCRBY bal n; HINCRBY rsv undone 1; HSET rsv state void; PEXPIRE rsv }`.
 //!   A missing balance is seeded only by `SET NX`, never by `INCRBY`, so concurrent first
 //!   reservations seed it once. Readers may see the counter dip below zero for the instant
 //!   between a refused `DECRBY` and its compensation; `credit_balance` reports 0 then, and no
 //!   reservation ever succeeds against it.
 //! - `reserve_spend` (1): `MULTI { INCRBY spend n; PEXPIRE spend 40d; HSET rsv …; PEXPIRE rsv;
-//!   XADD cg:outbox * … }`, the Stripe report in the same transaction as the charge. Over the
+//!   XADD cg:outbox * …; the lease as above }`, the Stripe report in the same transaction as
+//!   the charge. Over the
 //!   limit: `MULTI { DECRBY spend n; HINCRBY rsv undone 1; HSET rsv state void; XDEL entry }`.
 //!   Under concurrency a transiently over-counted spend can refuse a request that would have
 //!   fit when amounts differ; it never lets one pass the limit.
-//! - `settle` (1 without refund, 2 with): `MULTI { HSETNX rsv settled <ts>; HSETNX rsv
-//!   refund_due r; HMGET rsv … }` claims the reservation exactly once (a record without `kind`
-//!   is unknown: the stub `HSETNX` made is deleted). The claimer then gives the clamped refund
-//!   back: `MULTI { INCRBY bal r | DECRBY spend r; HINCRBY rsv refund_applied 1; HSET rsv
-//!   refunded r }`.
+//! - `settle` (1 without refund, 2 with; see [`settlement`]): `MULTI { HSETNX rsv settled <ts>;
+//!   HSETNX rsv refund_due r; HSETNX rsv settler <token>; HMGET rsv …; [ZREM holds rid] }`
+//!   claims the reservation exactly once (a record without `kind` is unknown: the claim stays
+//!   as a stub, so a reservation transaction that lands late merges into it and is refunded).
+//!   The claimer — or a retry by the same settler, or the sweeper once the claim is stale —
+//!   gives the clamped refund back: `MULTI { INCRBY bal r | DECRBY spend r; HINCRBY rsv
+//!   refund_applied ±1; HSET rsv refunded r; ZREM holds rid }`, converging to one application.
 //! - accounts: `HSETNX` of every field in one `MULTI` (all or nothing; the signup bucket's
 //!   `SET NX` in the same transaction, deleted again when the account already existed).
 //!   `change_account` (2): `HEXISTS`, then `MULTI { HSET <only the changed fields>; HGETALL }`.
@@ -71,14 +77,13 @@
 //! # Crash and timeout windows
 //!
 //! A second trip that fails (timeout, connection lost, gateway killed) leaves a step half
-//! done. Each second trip is guarded by a counter field in the reservation hash, written in the
-//! same transaction as the money change (`undone`, `refund_applied`), so it can be retried
-//! exactly once: a failed compensation or refund is retried in the background for about 30 s
-//! (check the marker, apply if absent). What stays open:
-//! - the gateway process dies between claim and refund: the reservation is settled without
-//!   its refund (`refund_due` set, `refunded` absent) — the customer loses at most that refund;
-//!   a sweeper can find such records;
-//! - the gateway process dies between a refused `DECRBY` and its compensation: the bucket stays
+//! done. Each second trip moves a counter field of the reservation hash with its money in one
+//! transaction (`undone`, `refund_applied`), so whoever finishes it — a background retry (~30 s),
+//! a retried settlement, the sweeper — brings it to exactly one application ([`repair`]). The
+//! sweeper ([`sweep`]) settles holds whose lease ended unsettled (a killed gateway, a lost
+//! answer) by the orphan policy and finishes refunds claimed but not applied. What stays open:
+//! - the gateway process dies between a refused `DECRBY` and its compensation: under the refund
+//!   policy the sweeper gives the amount back after the lease; under `keep` the bucket stays
 //!   short by that amount until its period ends (no reservation succeeds against the shortfall;
 //!   readers see 0 at worst).
 //! - the gateway process dies between a refused key's claim and its removal: that key stays at
@@ -89,7 +94,8 @@
 //!
 //! A reservation whose outcome is unknown (its trip timed out or the connection dropped) is
 //! refunded in full in the background once the store answers again (the gateway answered 503
-//! and sent nothing upstream), so a store outage never charges for unserved requests.
+//! and sent nothing upstream), at the latest by the sweeper after its lease, so a store outage
+//! never charges for unserved requests.
 //!
 //! # Redis Cluster
 //!
@@ -97,7 +103,8 @@
 //! `insert_key`. Some steps also touch global keys and so need a single node (or a future split
 //! into ordered single-slot steps): the key records of `insert_key`/`revoke_key`/`active_keys`
 //! (`cg:key:*`, `cg:keyid:*`), the customer index written with an account change
-//! (`cg:customer:*`) and the `XADD cg:outbox` of `reserve_spend`.
+//! (`cg:customer:*`), the `XADD cg:outbox` of `reserve_spend` and the lease work lists
+//! (`cg:lease:*`) written with every reservation.
 
 mod guarded;
 mod link;
