@@ -2,7 +2,7 @@
 //! `cg:outbox` (in the charge's own `MULTI/EXEC`) is reported to Stripe as a billing meter
 //! event, with what value, and what happens when Stripe or Redis says no. Nothing leaves the
 //! stream except by an acknowledgement that records why. This file is the worker (reading,
-//! claiming, sending, acknowledging); what it decides from what it reads is in [`decision`],
+//! claiming, sending, acknowledging); what it decides from what it reads is in `decision.rs`,
 //! pure and unit-tested.
 //!
 //! # Many instances, one stream
