@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Load benchmark: creditgate against a bare Pingora passthrough (examples/bare_proxy.rs) on the
-# same machine, same Pingora version, same thread count, same fast local upstream
-# (examples/demo_backend.rs), driven by wrk with the same connections, threads and duration.
+# Load benchmark: creditgate against two baselines on the same machine, same Pingora version,
+# same thread count, same fast local upstream (examples/demo_backend.rs), driven by wrk with the
+# same connections, threads and duration:
+#   - a bare Pingora passthrough (examples/bare_proxy.rs);
+#   - the same passthrough plus exactly one Redis transaction per request, of the shape of the
+#     credit reservation, on the same Redis (examples/bare_tx_proxy.rs, "bare + 1 tx").
+# The headline figures are creditgate's ratios to "bare + 1 tx" (req/s, CPU per request, p99):
+# what the gateway costs beyond Pingora and the one round trip that exact billing needs.
 #
 #   bash scripts/load.sh
 #
@@ -12,9 +17,12 @@
 #
 #   1. throughput: requests/s, p50, p99, proxy CPU seconds per 1000 requests (utime+stime from
 #      /proc/<pid>/stat), Redis CPU per 1000 requests, and the ratios to the bare passthrough,
-#      each case run ROUNDS times interleaved with the others (medians reported); rejected
+#      and to "bare + 1 tx", each case run ROUNDS times interleaved with the others (medians
+#      reported); the transactions "bare + 1 tx" applied (its balance key read before and after
+#      each measured run) against the upstream requests of the same runs; rejected
 #      requests (402, 401) must leave the upstream's request count unchanged; and the latency
-#      the gateway adds to a billed request at light load (LIGHT_CONNS connections);
+#      the gateway adds to a billed request at light load (LIGHT_CONNS connections), over bare
+#      and over bare + 1 tx;
 #   2. memory per in-flight request: RSS before and during INFLIGHT concurrent connections held
 #      open by a slow upstream (SLOW_MS per response), bare and creditgate;
 #   3. a streamed upload (UPLOAD_MB, application/octet-stream) through both, with peak RSS.
@@ -38,7 +46,8 @@ SLOW_MS=${SLOW_MS:-5000}
 UPLOAD_MB=${UPLOAD_MB:-50}
 LUA=$PWD/scripts/load_wrk.lua
 
-cargo build --release --bin creditgate --example bare_proxy --example demo_backend
+cargo build --release --bin creditgate --example bare_proxy --example bare_tx_proxy \
+  --example demo_backend
 BIN=${CARGO_TARGET_DIR:-target}/release
 [ -x "$BIN/creditgate" ] || { echo "load: $BIN/creditgate not found" >&2; exit 1; }
 
@@ -103,6 +112,19 @@ start_bare() { # name port upstream-port; sets LAST_PID
   wait_port "$2"
 }
 
+start_bare_tx() { # name port upstream-port; sets LAST_PID (Redis: the script's own, below)
+  "$BIN/examples/bare_tx_proxy" "127.0.0.1:$2" "127.0.0.1:$3" "redis+unix://$work/redis.sock" \
+    "$THREADS" >"$work/$1.log" 2>&1 &
+  LAST_PID=$!
+  pids+=("$LAST_PID")
+  wait_port "$2"
+}
+# The balance key examples/bare_tx_proxy.rs decrements by BARE_TX_AMOUNT per request (as the
+# example's BALANCE and AMOUNT say) and seeds at 2^62 on first use.
+BARE_TX_BALANCE='bare:{a:load}:bal:period'
+BARE_TX_AMOUNT=8
+bare_tx_balance() { redis-cli -s "$work/redis.sock" GET "$BARE_TX_BALANCE"; }
+
 start_gateway() { # name port admin-port metrics-port upstream-port; sets LAST_PID
   cat >"$work/$1.toml" <<TOML
 [server]
@@ -110,7 +132,7 @@ listen = "127.0.0.1:$2"
 admin_listen = "127.0.0.1:$3"
 metrics_listen = "127.0.0.1:$4"
 threads = $THREADS
-shutdown_grace_s = 0
+shutdown_grace_s = 1
 [upstream]
 address = "127.0.0.1:$5"
 [store]
@@ -150,6 +172,7 @@ sed -i -E 's/^(requests_per_minute[[:space:]]*=[[:space:]]*)[1-9][0-9]*/\1100000
 BACKEND=$(free_port)
 SLOW=$(free_port)
 BARE=$(free_port)
+BARE_TX=$(free_port)
 BARE_SLOW=$(free_port)
 CG=$(free_port) CG_ADMIN=$(free_port) CG_METRICS=$(free_port)
 CGS=$(free_port) CGS_ADMIN=$(free_port) CGS_METRICS=$(free_port)
@@ -157,6 +180,8 @@ CGS=$(free_port) CGS_ADMIN=$(free_port) CGS_METRICS=$(free_port)
 start_backend backend "$BACKEND"
 start_bare bare "$BARE" "$BACKEND"
 BARE_PID=$LAST_PID
+start_bare_tx bare-tx "$BARE_TX" "$BACKEND"
+BARE_TX_PID=$LAST_PID
 start_gateway creditgate "$CG" "$CG_ADMIN" "$CG_METRICS" "$BACKEND"
 CG_PID=$LAST_PID
 
@@ -235,7 +260,8 @@ run_case() { # label port pid method path key body expect [connections] [results
   fi
   local envs=(LOAD_METHOD="$method" LOAD_BODY="$body" LOAD_KEY="$key" LOAD_CTYPE="${body:+$JSON}")
   env "${envs[@]}" wrk -t"$WRK_THREADS" -c"$conns" -d"${WARMUP}s" -s "$LUA" "$url" >/dev/null
-  local up0 cpu0 rcpu0 up1 cpu1 rcpu1 out
+  local up0 cpu0 rcpu0 up1 cpu1 rcpu1 out bal0 bal1
+  if [ "$port" = "$BARE_TX" ]; then bal0=$(bare_tx_balance); fi
   up0=$(upstream_seen "$BACKEND")
   cpu0=$(cpu_ticks "$pid")
   rcpu0=$(cpu_ticks "$REDIS_PID")
@@ -244,6 +270,12 @@ run_case() { # label port pid method path key body expect [connections] [results
   rcpu1=$(cpu_ticks "$REDIS_PID")
   sleep 0.2
   up1=$(upstream_seen "$BACKEND")
+  if [ "$port" = "$BARE_TX" ]; then
+    bal1=$(bare_tx_balance)
+    # label transactions-applied upstream-requests (same window: from before up0 to after up1)
+    printf '%s\t%s\t%s\n' "$label" $(((bal0 - bal1) / BARE_TX_AMOUNT)) $((up1 - up0 - 1)) \
+      >>"$work/tx.tsv"
+  fi
   local line
   line=$(grep '^LOAD ' <<<"$out") || { echo "$out" >&2; exit 1; }
   # label requests duration_us p50 p99 non2xx sockerr proxy_ticks redis_ticks upstream
@@ -258,8 +290,10 @@ run_case() { # label port pid method path key body expect [connections] [results
 # Every case once per round, rounds one after the other, so slow spells of a shared machine
 # fall on all cases alike; the report takes the median round of each case.
 : >"$work/light.tsv"
+: >"$work/tx.tsv"
 for round in $(seq 1 "$ROUNDS"); do
   run_case "(a) bare passthrough: POST $RELIGHT" "$BARE" "$BARE_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200
+  run_case "(a1) bare + 1 Redis tx: POST $RELIGHT" "$BARE_TX" "$BARE_TX_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200
   run_case "(b) creditgate: credits, nano-banana-pro" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200
   run_case "(c) creditgate: pay-per-use, midjourney-v7" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_PPU" "$BODY_PPU" 200
   run_case "(d) creditgate: GET /api/credits/balance" "$CG" "$CG_PID" GET /api/credits/balance "$KEY_CREDITS" "" 200
@@ -268,6 +302,7 @@ for round in $(seq 1 "$ROUNDS"); do
   # Added latency: the same billed request at light load (LIGHT_CONNS connections, so nothing
   # queues for a CPU), where the difference of the latencies is what the gateway adds.
   run_case "bare passthrough" "$BARE" "$BARE_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200 "$LIGHT_CONNS" "$work/light.tsv"
+  run_case "bare + 1 Redis tx" "$BARE_TX" "$BARE_TX_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200 "$LIGHT_CONNS" "$work/light.tsv"
   run_case "creditgate: credits" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200 "$LIGHT_CONNS" "$work/light.tsv"
 done
 
@@ -356,19 +391,46 @@ summarise() { # results file
 echo
 echo "Throughput (wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s per round, median of $ROUNDS rounds; $THREADS proxy threads, $(nproc) CPUs shared by wrk, proxy, upstream and Redis)"
 echo
-summarise "$work/results.tsv" | awk -F'\t' '
+# Ratios to the bare passthrough and to "bare + 1 tx" (the rows labelled (a) and (a1)).
+summarise "$work/results.tsv" >"$work/summary.tsv"
+awk -F'\t' '
   function ms(us) { return sprintf("%.2f ms", us / 1000) }
+  function ratio(a, b) { return (b > 0) ? sprintf("%.2f", a / b) : "" }
   {
-    if (NR == 1) { base_rps = $2; base_cpu = $5 }
-    rows[NR] = sprintf("| %s | %.0f | %s | %s | %.4f | %.4f | %.2f | %.2f | %d | %d | %d | %d |",
-      $1, $2, ms($3), ms($4), $5, $6, $2 / base_rps, (base_cpu > 0 ? $5 / base_cpu : 0),
-      $7, $8, $9, $10)
+    label[NR] = $1; rps[NR] = $2; p50[NR] = $3; p99[NR] = $4; cpu[NR] = $5; rcpu[NR] = $6
+    req[NR] = $7; non2xx[NR] = $8; sockerr[NR] = $9; up[NR] = $10
+    if ($1 ~ /^\(a\) /) { b = NR }
+    if ($1 ~ /^\(a1\) /) { t = NR }
   }
   END {
-    print "| case | req/s | p50 | p99 | proxy CPU s / 1k req | Redis CPU s / 1k req | req/s vs bare | CPU vs bare | requests | non-2xx | socket errors | upstream requests |"
-    print "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    for (i = 1; i <= NR; i++) print rows[i]
-  }'
+    print "| case | req/s | p50 | p99 | proxy CPU s / 1k req | Redis CPU s / 1k req | req/s vs bare | CPU vs bare | req/s vs 1 tx | CPU vs 1 tx | CPU+Redis vs 1 tx | p99 vs 1 tx | requests | non-2xx | socket errors | upstream requests |"
+    print "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for (i = 1; i <= NR; i++)
+      printf "| %s | %.0f | %s | %s | %.4f | %.4f | %s | %s | %s | %s | %s | %s | %d | %d | %d | %d |\n",
+        label[i], rps[i], ms(p50[i]), ms(p99[i]), cpu[i], rcpu[i], ratio(rps[i], rps[b]),
+        ratio(cpu[i], cpu[b]), ratio(rps[i], rps[t]), ratio(cpu[i], cpu[t]),
+        ratio(cpu[i] + rcpu[i], cpu[t] + rcpu[t]), ratio(p99[i], p99[t]), req[i], non2xx[i],
+        sockerr[i], up[i]
+    print ""
+    print "Headline: creditgate against bare + 1 Redis tx (against bare in brackets)"
+    print ""
+    print "| case | req/s | proxy CPU / req | proxy+Redis CPU / req | p99 |"
+    print "| --- | ---: | ---: | ---: | ---: |"
+    for (i = 1; i <= NR; i++) {
+      if (label[i] !~ /^\((b|c)\) /) continue
+      printf "| %s | %s× (%s×) | %s× (%s×) | %s× (%s×) | %s× (%s×) |\n", label[i],
+        ratio(rps[i], rps[t]), ratio(rps[i], rps[b]), ratio(cpu[i], cpu[t]), ratio(cpu[i], cpu[b]),
+        ratio(cpu[i] + rcpu[i], cpu[t] + rcpu[t]), ratio(cpu[i] + rcpu[i], cpu[b] + rcpu[b]),
+        ratio(p99[i], p99[t]), ratio(p99[i], p99[b])
+    }
+  }' "$work/summary.tsv"
+
+# "bare + 1 tx" really did its transaction for every request it proxied: what its balance lost
+# in its measured runs against the upstream requests of the same runs (a transaction whose
+# client went away before the request was forwarded counts on the left only).
+echo
+read -r tx_applied tx_upstream < <(awk -F'\t' '{ tx += $2; up += $3 } END { print tx + 0, up + 0 }' "$work/tx.tsv")
+echo "load: bare + 1 Redis tx: $tx_applied transactions applied for $tx_upstream upstream requests in its measured runs"
 
 echo
 echo "Added latency at light load (wrk -t1 -c$LIGHT_CONNS -d${DURATION}s per round, median of $ROUNDS rounds; billed credits request)"
@@ -377,13 +439,17 @@ summarise "$work/light.tsv" | awk -F'\t' '
   function ms(us) { return sprintf("%.3f ms", us / 1000) }
   {
     if (NR == 1) { b50 = $3; b99 = $4 }
-    rows[NR] = sprintf("| %s | %.0f | %s | %s | %s | %s | %d | %d |", $1, $2, ms($3), ms($4),
-      (NR == 1 ? "" : ms($3 - b50)), (NR == 1 ? "" : ms($4 - b99)), $8, $9)
+    if ($1 ~ /1 Redis tx/) { t50 = $3; t99 = $4; t = NR }
+    label[NR] = $1; rps[NR] = $2; p50[NR] = $3; p99[NR] = $4; non2xx[NR] = $8; sockerr[NR] = $9
   }
   END {
-    print "| proxy | req/s | p50 | p99 | p50 added | p99 added | non-2xx | socket errors |"
-    print "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    for (i = 1; i <= NR; i++) print rows[i]
+    print "| proxy | req/s | p50 | p99 | p50 added | p99 added | p50 added over 1 tx | p99 added over 1 tx | non-2xx | socket errors |"
+    print "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for (i = 1; i <= NR; i++)
+      printf "| %s | %.0f | %s | %s | %s | %s | %s | %s | %d | %d |\n", label[i], rps[i],
+        ms(p50[i]), ms(p99[i]), (i == 1 ? "" : ms(p50[i] - b50)), (i == 1 ? "" : ms(p99[i] - b99)),
+        (t == 0 || i <= t ? "" : ms(p50[i] - t50)), (t == 0 || i <= t ? "" : ms(p99[i] - t99)),
+        non2xx[i], sockerr[i]
   }'
 
 echo
@@ -416,3 +482,7 @@ echo
 leaked=$(awk -F'\t' '$1 ~ /^\(e\)/ { n += $10 } END { print n + 0 }' "$work/results.tsv")
 echo "load: rejected requests (402, 401) that reached the upstream: $leaked"
 [ "$leaked" -eq 0 ] || { echo "load: FAILED: rejected requests were proxied" >&2; exit 1; }
+[ "$tx_upstream" -gt 0 ] && [ "$tx_applied" -ge "$tx_upstream" ] || {
+  echo "load: FAILED: bare + 1 Redis tx proxied requests without their transaction" >&2
+  exit 1
+}
