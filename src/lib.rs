@@ -60,6 +60,7 @@ pub mod logging;
 pub mod metrics;
 pub mod money;
 pub mod openapi;
+pub mod payer;
 pub mod period;
 pub mod plan_change;
 pub mod proxy;
