@@ -74,9 +74,12 @@ pub async fn reserve(
     now_ms: i64,
     settings: &ReserveSettings,
 ) -> Result<Reservation, GatewayError> {
-    let id = random_id("ch_", 24);
     let plan = PaymentPlan::for_request(catalog, account, quote, now_ms);
     for leg in &plan.legs {
+        // One id per attempt: a refused attempt leaves a void record (and its undo counter)
+        // under its id, which the next leg must not share, or the next leg's undo is counted
+        // as a repeat and reverted (the spend of a refused request would stay counted).
+        let id = random_id("ch_", 24);
         let meta = ChargeMeta {
             operation: quote.operation.to_string(),
             model: quote.model.to_string(),
