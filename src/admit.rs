@@ -15,6 +15,7 @@ use crate::idempotency::{self, Check};
 use crate::incoming::MAX_API_BODY_BYTES;
 use crate::incoming::{header_str, is_json, IncomingRequest};
 use crate::metrics;
+use crate::quote_api;
 use crate::reserve::{self, Reservation, ReserveSettings};
 use crate::respond::JsonReply;
 use crate::rules::{self, canonicalize, Catalog, RequestInputs};
@@ -70,6 +71,13 @@ pub async fn admit(
         return stripe_webhook(gw, req).await;
     }
     let catalog = gw.catalog.snapshot();
+    if path.path == quote_api::QUOTE_PATH {
+        if method != "POST" {
+            return Err(GatewayError::NotFound);
+        }
+        quote_api::QUOTE_LABEL.clone_into(route_label);
+        return quote_endpoint(gw, req, &catalog).await;
+    }
     if BillingEndpoint::owns_path(&path.path) {
         let endpoint = BillingEndpoint::find(&method, &path.path).ok_or(GatewayError::NotFound)?;
         endpoint.label().clone_into(route_label);
@@ -123,6 +131,26 @@ async fn billing_endpoint(
         None
     };
     let reply = billing_api::answer(gw, &principal, endpoint, body).await?;
+    Ok(Admission::Reply(reply))
+}
+
+/// `POST /api/quote`: authenticated by API key, priced like a generation request, answered here;
+/// nothing is reserved.
+async fn quote_endpoint(
+    gw: &Gateway,
+    req: &mut dyn IncomingRequest,
+    catalog: &Arc<Catalog>,
+) -> Result<Admission, GatewayError> {
+    let principal = auth::authenticate(
+        req.header(),
+        &gw.keys,
+        gw.ledger.as_ref(),
+        catalog,
+        gw.now_ms(),
+    )
+    .await?;
+    let body = req.read_body(gw.config.server.max_json_body_bytes).await?;
+    let reply = quote_api::answer(gw, &principal, req.header(), catalog, &body).await?;
     Ok(Admission::Reply(reply))
 }
 
@@ -248,7 +276,7 @@ async fn reserve_timed(
 
 /// A header the route prices from must appear at most once: a backend reading the last copy
 /// must not see another model or count than the gateway priced.
-fn refuse_repeated_pricing_headers(
+pub(crate) fn refuse_repeated_pricing_headers(
     header: &pingora::http::RequestHeader,
     route: &rules::Route,
 ) -> Result<(), GatewayError> {

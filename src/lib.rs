@@ -13,6 +13,9 @@
 //!                  ├─ stripe::webhook             POST /webhooks/stripe: signature, applied once
 //!                  ├─ billing_api                 /api/credits/balance, /api/subscription, …
 //!                  │                              answered here, never proxied
+//!                  ├─ quote_api                   POST /api/quote: priced like the request it
+//!                  │                              names, payer from payer::PaymentPlan (the
+//!                  │                              one reserve walks), nothing written
 //!                  ├─ rules::Catalog::match_route unknown routes are 404, never proxied
 //!                  ├─ auth::authenticate          key hash → Principal (cached ≤ 1 s), slots
 //!                  ├─ ratelimit                   per key, per plan (governor, per instance)
@@ -60,9 +63,11 @@ pub mod logging;
 pub mod metrics;
 pub mod money;
 pub mod openapi;
+pub mod payer;
 pub mod period;
 pub mod plan_change;
 pub mod proxy;
+pub mod quote_api;
 pub mod ratelimit;
 pub mod reloader;
 pub mod reserve;

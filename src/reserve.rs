@@ -1,16 +1,17 @@
-//! Who pays for a priced request (CONTRACT §4): credits first when the plan prices the operation
-//! and the period's balance covers it, else pay-per-use spend under the monthly limit when the
-//! account has it enabled and the model has a rate, else a 402. One store round trip on success.
+//! Reserves the price of a priced request (CONTRACT §4) with whoever pays for it: the legs of
+//! [`crate::payer::PaymentPlan`] in order (credits first when the plan prices the operation and
+//! the period's balance covers it, else pay-per-use spend under the monthly limit when the
+//! account has it enabled and the model has a rate), else its 402. One store round trip on
+//! success. `quote_api` asks the same plan without reserving.
 
 use crate::apikey::random_id;
-use crate::entitlement;
 use crate::error::GatewayError;
 use crate::ledger::{
     Account, ChargeMeta, CreditReservation, CreditReserveOutcome, Ledger, SpendReservation,
     SpendReserveOutcome, StripeReport,
 };
 use crate::money::MicroUsd;
-use crate::period;
+use crate::payer::{CreditLeg, Leg, PaymentPlan, SpendLeg};
 use crate::rules::{Catalog, Quote};
 
 /// How a reservation was paid.
@@ -62,6 +63,9 @@ pub struct ReserveSettings {
     pub lease_ms: i64,
 }
 
+/// Reserves the price with the first leg of [`PaymentPlan::for_request`] that covers it (the
+/// ledger applies [`crate::payer::Leg::covers`] atomically); refused with
+/// [`PaymentPlan::refusal`] when none does.
 pub async fn reserve(
     ledger: &dyn Ledger,
     catalog: &Catalog,
@@ -70,92 +74,109 @@ pub async fn reserve(
     now_ms: i64,
     settings: &ReserveSettings,
 ) -> Result<Reservation, GatewayError> {
-    let id = random_id("ch_", 24);
-    let mut meta = ChargeMeta {
-        operation: quote.operation.to_string(),
-        model: quote.model.to_string(),
-        quantity: quote.quantity,
-        unit_amount: 0,
-        catalog_version: catalog.version,
-        created_ms: now_ms,
-    };
-    let mut inactive = false;
-
-    if let (Some(unit), Some(total), Some(bucket)) = (
-        quote.credits_per_unit,
-        quote.credits_total(),
-        entitlement::credit_bucket(catalog, account, now_ms),
-    ) {
-        if account.status.may_spend_credits() {
-            meta.unit_amount = unit;
-            let r = CreditReservation {
-                account_id: account.id.clone(),
-                reservation_id: id.clone(),
-                bucket,
-                amount: total,
-                meta: meta.clone(),
-                record_ttl_ms: settings.credit_record_ttl_ms,
-                lease_until_ms: now_ms.saturating_add(settings.lease_ms),
-            };
-            if let CreditReserveOutcome::Reserved { remaining } = ledger.reserve_credits(&r).await?
-            {
-                return Ok(Reservation {
-                    id,
-                    account_id: account.id.clone(),
-                    plan: account.plan.clone(),
-                    payment: Payment::Credits {
-                        charged: total,
-                        remaining,
-                    },
-                    meta,
-                });
+    let plan = PaymentPlan::for_request(catalog, account, quote, now_ms);
+    for leg in &plan.legs {
+        // One id per attempt: a refused attempt leaves a void record (and its undo counter)
+        // under its id, which the next leg must not share, or the next leg's undo is counted
+        // as a repeat and reverted (the spend of a refused request would stay counted).
+        let id = random_id("ch_", 24);
+        let meta = ChargeMeta {
+            operation: quote.operation.to_string(),
+            model: quote.model.to_string(),
+            quantity: quote.quantity,
+            unit_amount: 0,
+            catalog_version: catalog.version,
+            created_ms: now_ms,
+        };
+        let reserved = match leg {
+            Leg::Credits(c) => {
+                reserve_credits(ledger, account, &id, c, meta, now_ms, settings).await?
             }
-        } else {
-            inactive = true;
+            Leg::Spend(s) => reserve_spend(ledger, account, &id, s, meta, now_ms, settings).await?,
+        };
+        if let Some(payment) = reserved {
+            return Ok(payment);
         }
     }
+    Err(plan.refusal())
+}
 
-    if account.pay_per_use {
-        if let (Some(rate), Some(total)) = (quote.rate_per_unit, quote.usd_total()) {
-            meta.unit_amount = rate.0;
-            let limit = MicroUsd::from_cents(account.spending_limit_cents);
-            let report = match (&account.stripe_customer_id, settings.report_to_stripe) {
-                (Some(customer), true) => Some(StripeReport {
-                    customer_id: customer.clone(),
-                    value: total.0,
-                }),
-                _ => None,
-            };
-            let r = SpendReservation {
-                account_id: account.id.clone(),
-                reservation_id: id.clone(),
-                month: period::month_key(now_ms),
-                limit_micro: limit.0,
-                amount_micro: total.0,
-                meta: meta.clone(),
-                report,
-                record_ttl_ms: settings.spend_record_ttl_ms,
-                lease_until_ms: now_ms.saturating_add(settings.lease_ms),
-            };
-            return match ledger.reserve_spend(&r).await? {
-                SpendReserveOutcome::Reserved { spent_micro } => Ok(Reservation {
-                    id,
-                    account_id: account.id.clone(),
-                    plan: account.plan.clone(),
-                    payment: Payment::Spend {
-                        charged: total,
-                        spent: MicroUsd(spent_micro),
-                        limit,
-                    },
-                    meta,
-                }),
-                SpendReserveOutcome::LimitReached { .. } => Err(GatewayError::SpendingLimitReached),
-            };
-        }
-    }
+/// The credit leg: `None` when the balance does not cover it.
+async fn reserve_credits(
+    ledger: &dyn Ledger,
+    account: &Account,
+    id: &str,
+    leg: &CreditLeg,
+    mut meta: ChargeMeta,
+    now_ms: i64,
+    settings: &ReserveSettings,
+) -> Result<Option<Reservation>, GatewayError> {
+    meta.unit_amount = leg.unit;
+    let r = CreditReservation {
+        account_id: account.id.clone(),
+        reservation_id: id.to_string(),
+        bucket: leg.bucket.clone(),
+        amount: leg.total,
+        meta: meta.clone(),
+        record_ttl_ms: settings.credit_record_ttl_ms,
+        lease_until_ms: now_ms.saturating_add(settings.lease_ms),
+    };
+    Ok(match ledger.reserve_credits(&r).await? {
+        CreditReserveOutcome::Reserved { remaining } => Some(Reservation {
+            id: id.to_string(),
+            account_id: account.id.clone(),
+            plan: account.plan.clone(),
+            payment: Payment::Credits {
+                charged: leg.total,
+                remaining,
+            },
+            meta,
+        }),
+        _ => None,
+    })
+}
 
-    if inactive {
-        return Err(GatewayError::SubscriptionInactive(account.status.as_str()));
-    }
-    Err(GatewayError::InsufficientCredits)
+/// The pay-per-use leg: `None` when it would pass the month's spending limit.
+async fn reserve_spend(
+    ledger: &dyn Ledger,
+    account: &Account,
+    id: &str,
+    leg: &SpendLeg,
+    mut meta: ChargeMeta,
+    now_ms: i64,
+    settings: &ReserveSettings,
+) -> Result<Option<Reservation>, GatewayError> {
+    meta.unit_amount = leg.rate.0;
+    let report = match (&account.stripe_customer_id, settings.report_to_stripe) {
+        (Some(customer), true) => Some(StripeReport {
+            customer_id: customer.clone(),
+            value: leg.total.0,
+        }),
+        _ => None,
+    };
+    let r = SpendReservation {
+        account_id: account.id.clone(),
+        reservation_id: id.to_string(),
+        month: leg.month.clone(),
+        limit_micro: leg.limit.0,
+        amount_micro: leg.total.0,
+        meta: meta.clone(),
+        report,
+        record_ttl_ms: settings.spend_record_ttl_ms,
+        lease_until_ms: now_ms.saturating_add(settings.lease_ms),
+    };
+    Ok(match ledger.reserve_spend(&r).await? {
+        SpendReserveOutcome::Reserved { spent_micro } => Some(Reservation {
+            id: id.to_string(),
+            account_id: account.id.clone(),
+            plan: account.plan.clone(),
+            payment: Payment::Spend {
+                charged: leg.total,
+                spent: MicroUsd(spent_micro),
+                limit: leg.limit,
+            },
+            meta,
+        }),
+        SpendReserveOutcome::LimitReached { .. } => None,
+    })
 }

@@ -585,6 +585,61 @@ async fn every_documented_answer_is_what_the_binary_answers() {
         &set(Some(k_down.clone()), json!({"limitCents": 1})).await,
     );
 
+    // ---- quotes ---------------------------------------------------------------------------------
+    let quote = "/api/quote";
+    let ask = |key: Option<String>, body: Value| async move {
+        send(proxy, "POST", quote, key.as_deref(), &[], Some(&body)).await
+    };
+    let relight_q =
+        |model: &str, n: u64| json!({"path": "/api/v1/images/relight", "model": model, "n": n});
+    let r = ask(Some(k_biz.clone()), relight_q("nano-banana-pro", 2)).await;
+    c.check(quote, "post", 200, &r);
+    assert_eq!(r.json()["credits"], 6, "{}", r.text());
+    let r = ask(Some(k_ppu.clone()), relight_q("midjourney-v7", 1)).await;
+    c.check(quote, "post", 200, &r);
+    assert_eq!(r.json()["usd"], "0.324", "{}", r.text());
+    let r = ask(Some(k_broke.clone()), relight_q("nano-banana-pro", 1)).await;
+    c.check(quote, "post", 200, &r);
+    assert_eq!(r.json()["wouldSucceed"], false, "{}", r.text());
+    c.check(
+        quote,
+        "post",
+        400,
+        &ask(Some(k_biz.clone()), relight_q("no-such-model", 1)).await,
+    );
+    c.check(
+        quote,
+        "post",
+        400,
+        &ask(Some(k_biz.clone()), json!({"model": "nano-banana-pro"})).await,
+    );
+    c.check(
+        quote,
+        "post",
+        401,
+        &ask(None, relight_q("nano-banana-pro", 1)).await,
+    );
+    c.check(
+        quote,
+        "post",
+        403,
+        &ask(Some(k_down.clone()), relight_q("nano-banana-pro", 1)).await,
+    );
+    c.check(
+        quote,
+        "post",
+        404,
+        &ask(
+            Some(k_biz.clone()),
+            json!({"path": "/api/v1/images/upscale"}),
+        )
+        .await,
+    );
+    let pad = "x".repeat(70 * 1024);
+    let mut big = relight_q("nano-banana-pro", 1);
+    big["pad"] = json!(pad);
+    c.check(quote, "post", 413, &ask(Some(k_biz.clone()), big).await);
+
     // ---- generation routes --------------------------------------------------------------------
     let images = "/api/v1/images/{operation}";
     let videos = "/api/v1/videos";
@@ -854,6 +909,12 @@ async fn every_documented_answer_is_what_the_binary_answers() {
         &set(Some(k_dark.clone()), json!({"limitCents": 1})).await,
     );
     c.check(images, "post", 503, &image(&k_dark, pro.clone()).await);
+    c.check(
+        quote,
+        "post",
+        503,
+        &ask(Some(k_dark.clone()), relight_q("nano-banana-pro", 1)).await,
+    );
     c.check(videos, "post", 503, &video(&k_dark, clip.clone()).await);
     c.check(
         jobs,

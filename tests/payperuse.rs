@@ -218,3 +218,52 @@ async fn sixteen_concurrent_7_2_cent_requests_under_50_cents_make_exactly_6() {
     .await;
     assert_eq!(r.json(), json!({"limitCents": 50}));
 }
+
+/// A request refused twice — its credits do not cover it, then the spending limit — leaves the
+/// month's spend exactly as it was, however often it is refused (each attempt is undone once,
+/// under its own reservation id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_by_credits_and_then_the_limit_leaves_the_spend_alone() {
+    let redis = RedisServer::start();
+    let backend = DemoBackend::start("127.0.0.1:0").await.unwrap();
+    let gw = GatewayProcess::start(&redis.url(), backend.addr).await;
+    gw.create_account_with(json!({
+        "id": "over", "plan": "starter", "payPerUse": true, "spendingLimitCents": 10
+    }))
+    .await;
+    let key = gw.create_key("over").await;
+    let pro4 = json!({"model": "nano-banana-pro", "n": 4});
+    for _ in 0..8 {
+        let r = gw
+            .generate(&key, "/api/v1/images/relight", pro4.clone())
+            .await;
+        assert_eq!(r.header("X-Credits-Charged"), Some("12"), "{}", r.text());
+    }
+    let spend = || async {
+        let r = gw.admin("GET", "/admin/accounts/over", None).await;
+        r.json()["monthSpendMicroUsd"].as_u64().expect("spend")
+    };
+    let turbo = json!({"model": "ideogram-v3-turbo"});
+    let r = gw
+        .generate(&key, "/api/v1/images/relight", turbo.clone())
+        .await;
+    assert_eq!(r.header("X-Charge-Usd"), Some("0.054"), "{}", r.text());
+    // 4 credits left; nano-banana-pro × 2 is 6 credits or 0.242 over the 0.10 limit.
+    for _ in 0..5 {
+        let r = gw
+            .generate(
+                &key,
+                "/api/v1/images/relight",
+                json!({"model": "nano-banana-pro", "n": 2}),
+            )
+            .await;
+        assert_eq!(r.status, 402, "{}", r.text());
+        assert_eq!(r.error_code(), "spending_limit_reached");
+        assert_eq!(spend().await, 54_000);
+    }
+    assert_eq!(gw.balance(&key).await, 4);
+    // 0.054 + 0.054 = 0.108 > 0.10: refused too, and the spend still 0.054.
+    let r = gw.generate(&key, "/api/v1/images/relight", turbo).await;
+    assert_eq!(r.error_code(), "spending_limit_reached");
+    assert_eq!(spend().await, 54_000);
+}
