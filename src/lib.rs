@@ -54,6 +54,7 @@ pub mod headers;
 pub mod http_limits;
 pub mod idempotency;
 pub mod incoming;
+pub mod jobs;
 pub mod ledger;
 pub mod live_catalog;
 pub mod logging;
