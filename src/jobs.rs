@@ -431,3 +431,118 @@ pub async fn callback(gw: &Gateway, job_id: &str, body: &[u8]) -> Result<JsonRep
     }
     Ok(JsonReply::ok(200, &reply))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn video_job(charged: u64, quantity: u64) -> JobHold {
+        JobHold {
+            job_id: "job_1".into(),
+            account_id: "a".into(),
+            reservation_id: "ch_1".into(),
+            plan: "starter".into(),
+            payment: JobPayment::Credits,
+            charged,
+            meta: crate::ledger::ChargeMeta {
+                quantity,
+                unit_amount: charged / quantity,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn body(text: &str) -> BodyCapture {
+        let mut b = BodyCapture::default();
+        b.push(text.as_bytes());
+        b
+    }
+
+    #[test]
+    fn final_states_keep_or_refund() {
+        let job = video_job(12, 4);
+        let s = |state, images| decide(&job, state, images);
+        assert_eq!(s(FinalState::Succeeded, None).kept, 12);
+        assert_eq!(s(FinalState::Succeeded, Some(1)).kept, 3);
+        assert_eq!(s(FinalState::Failed, None).refunded, 12);
+        assert_eq!(s(FinalState::Canceled, None).refunded, 12);
+        assert_eq!(
+            s(FinalState::Failed, Some(2)).kept,
+            6,
+            "images made are kept"
+        );
+        assert_eq!(s(FinalState::Failed, Some(0)).refunded, 12);
+        for state in ["succeeded", "failed", "canceled"] {
+            assert_eq!(
+                FinalState::parse(state).map(FinalState::as_str),
+                Some(state)
+            );
+        }
+        for other in ["pending", "running", "cancelled", "Succeeded", ""] {
+            assert_eq!(FinalState::parse(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn job_ids_come_from_the_header_then_the_body() {
+        assert_eq!(
+            job_id_of(Some(" h_1 "), &body(r#"{"id":"b_1"}"#)).as_deref(),
+            Some("h_1")
+        );
+        assert_eq!(
+            job_id_of(None, &body(r#"{"id":"b_1"}"#)).as_deref(),
+            Some("b_1")
+        );
+        for bad in [
+            r#"{"id":7}"#,
+            r#"{"id":""}"#,
+            r#"{"id":"a/b"}"#,
+            r#"{"id":"a b"}"#,
+            r#"{"status":"pending"}"#,
+            "not json",
+        ] {
+            assert_eq!(job_id_of(None, &body(bad)), None, "{bad}");
+        }
+        let long = format!(r#"{{"id":"{}"}}"#, "x".repeat(129));
+        assert_eq!(job_id_of(None, &body(&long)), None);
+        // A body past the bound is not read.
+        let mut big = BodyCapture::default();
+        big.push(br#"{"id":"b_1","pad":""#);
+        big.push(&vec![b'x'; MAX_JOB_BODY_BYTES]);
+        big.push(br#""}"#);
+        assert_eq!(job_id_of(None, &big), None);
+    }
+
+    #[test]
+    fn a_hold_round_trips_through_its_job_record() {
+        let r = Reservation {
+            id: "ch_9".into(),
+            account_id: "acme".into(),
+            plan: "pro".into(),
+            payment: Payment::Spend {
+                charged: MicroUsd(648_000),
+                spent: MicroUsd(1_000_000),
+                limit: MicroUsd(50_000_000),
+            },
+            meta: crate::ledger::ChargeMeta {
+                quantity: 2,
+                unit_amount: 324_000,
+                ..Default::default()
+            },
+        };
+        let job = hold_of(&r, "job_3");
+        assert_eq!(job.payment, JobPayment::Spend);
+        assert_eq!(job.charged, 648_000);
+        assert_eq!(
+            decide(&job, FinalState::Succeeded, Some(1)).refunded,
+            324_000
+        );
+        assert_eq!(
+            held_headers(&r),
+            [
+                ("X-Charge-Usd-Held", "0.648".to_string()),
+                ("X-Spend-Remaining-Cents", "4900".to_string())
+            ]
+        );
+    }
+}

@@ -445,4 +445,19 @@ mod tests {
             assert!(has(&list, needle), "{needle}\n{list:#?}");
         }
     }
+
+    #[test]
+    fn settle_problems() {
+        let routes = "[[route]]\nmethod = \"GET\"\npath = \"/a/{id}\"\nbilled = false\nsettle = \"job\"\n\n[[route]]\nmethod = \"POST\"\npath = \"/b/{id}\"\nbilled = false\nsettle = \"job_status\"\n\n[[route]]\nmethod = \"GET\"\npath = \"/c/{job}\"\nbilled = false\nsettle = \"job_status\"\n\n[[route]]\nmethod = \"POST\"\npath = \"/d\"\noperation = \"gen\"\nmodel = [\"body:model\"]\nsettle = \"later\"\n\n[[route]]\nmethod = \"POST\"\npath = \"/e/{id}\"\noperation = \"gen\"\nmodel = [\"body:model\"]\nsettle = \"job_status\"\n";
+        let list = problems(PLANS, MODELS, OPS, routes);
+        for needle in [
+            "routes.toml: route[0].settle: \"job\" needs a billed route",
+            "routes.toml: route[1].settle: \"job_status\" needs an unbilled GET route",
+            "routes.toml: route[2].settle: \"job_status\" needs an unbilled GET route",
+            "routes.toml: route[3].settle: \"later\" is not one of",
+            "routes.toml: route[4].settle: \"job_status\" needs an unbilled GET route",
+        ] {
+            assert!(has(&list, needle), "{needle}\n{list:#?}");
+        }
+    }
 }
