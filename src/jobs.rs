@@ -403,7 +403,7 @@ pub async fn callback(gw: &Gateway, job_id: &str, body: &[u8]) -> Result<JsonRep
         .and_then(FinalState::parse)
         .ok_or_else(|| bad("`status` must be \"succeeded\", \"failed\" or \"canceled\""))?;
     let images = match m.get("imagesGenerated") {
-        None | Some(Value::Null) => None,
+        None => None,
         Some(v) => Some(
             v.as_u64()
                 .ok_or_else(|| bad("`imagesGenerated` must be a non-negative integer"))?,
