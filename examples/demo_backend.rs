@@ -1,5 +1,6 @@
 //! The demo generation backend for the README's quick start: answers every request with a
-//! succeeded job. `cargo run --example demo_backend -- 127.0.0.1:9000 [delay ms]`
+//! succeeded job (a video starts one, named in the body's `id`; polls of
+//! `GET /api/v1/jobs/{id}` report it `succeeded`, so the first poll settles it). `cargo run --example demo_backend -- 127.0.0.1:9000 [delay ms]`
 //! (the optional delay holds every response that long: the load benchmark's slow upstream).
 
 use std::time::Duration;

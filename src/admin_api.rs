@@ -1,6 +1,7 @@
 //! The admin API (CONTRACT §8) on its own listener, guarded by the admin bearer token (compared
 //! in constant time): accounts, plan changes, keys, credit grants, the catalog, and the
-//! `/healthz` + `/readyz` probes, and `GET /openapi.json` (the `openapi` document; like the
+//! `/healthz` + `/readyz` probes, the backend's job callback (`POST /admin/jobs/{id}`, see
+//! `jobs`), and `GET /openapi.json` (the `openapi` document; like the
 //! probes it needs no token). Every bad input is a 400 naming the field; nothing changes then.
 //!
 //! Account writes change only the fields a request names: a PATCH without `plan` is one
@@ -210,6 +211,7 @@ impl AdminApp {
             ("DELETE", ["admin", "keys", key_id]) => self.revoke(key_id).await,
             ("GET", ["admin", "catalog"]) => Ok(self.catalog()),
             ("POST", ["admin", "catalog", "reload"]) => Ok(self.reload()),
+            ("POST", ["admin", "jobs", id]) => crate::jobs::callback(&self.gw, id, body).await,
             _ => Err(GatewayError::NotFound),
         }
     }

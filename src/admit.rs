@@ -43,6 +43,10 @@ pub struct Forward {
     pub reservation: Option<Reservation>,
     /// The claimed `Idempotency-Key`, to finish or release once the outcome is known.
     pub idempotency: Option<idempotency::Ticket>,
+    /// When the route's charge is settled (`settle` of its rule).
+    pub settle_at: rules::SettleAt,
+    /// A poll of the caller's own job (`settle = "job_status"`): the hold its answer may settle.
+    pub job_poll: Option<crate::ledger::JobHold>,
 }
 
 /// Decides what to do with a request: the Stripe webhook, a billing endpoint, or a priced route.
@@ -172,6 +176,8 @@ async fn priced_route(
         &principal.key_id,
         entitlement::requests_per_minute(catalog, &principal.account),
     )?;
+    // A poll of a job that is not the caller's is a 404, never proxied.
+    let job_poll = crate::jobs::admit_poll(gw, route, path, &principal).await?;
 
     let json_body = if route.needs_json_body() && is_json(req.header()) {
         let bytes = req.read_body(gw.config.server.max_json_body_bytes).await?;
@@ -239,6 +245,8 @@ async fn priced_route(
         catalog: catalog.clone(),
         reservation,
         idempotency: ticket,
+        settle_at: route.settle_at(),
+        job_poll,
     })))
 }
 

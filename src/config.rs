@@ -147,6 +147,9 @@ pub struct BillingConfig {
     pub lease_grace_ms: u64,
     /// How often each instance's sweeper looks for holds whose lease ended.
     pub sweep_interval_ms: u64,
+    /// How long an async job (`settle = "job"`) may take to reach its final state: its hold's
+    /// lease; a job not final by then is settled by the sweeper under `orphan_policy`.
+    pub job_ttl_s: u64,
 }
 
 impl Default for BillingConfig {
@@ -158,6 +161,7 @@ impl Default for BillingConfig {
             orphan_policy: crate::ledger::OrphanPolicy::Refund,
             lease_grace_ms: 60_000,
             sweep_interval_ms: 5_000,
+            job_ttl_s: 3600,
         }
     }
 }
@@ -259,6 +263,17 @@ impl Config {
             .connect_timeout_ms
             .saturating_add(self.upstream.read_timeout_ms)
             .saturating_add(self.billing.lease_grace_ms);
+        i64::try_from(ms).unwrap_or(i64::MAX)
+    }
+
+    /// How long an async job's record (and its reservation's) is kept: `billing.job_ttl_s` plus
+    /// the ten minutes the sweeper and retried refunds may need after the job's lease ends.
+    pub fn job_keep_ms(&self) -> i64 {
+        let ms = self
+            .billing
+            .job_ttl_s
+            .saturating_mul(1000)
+            .saturating_add(10 * 60 * 1000);
         i64::try_from(ms).unwrap_or(i64::MAX)
     }
 
@@ -463,6 +478,12 @@ impl Config {
             p.push((
                 "billing.lease_grace_ms".into(),
                 "must be between 1000 and 3600000".into(),
+            ));
+        }
+        if !(1..=30 * 24 * 3600).contains(&self.billing.job_ttl_s) {
+            p.push((
+                "billing.job_ttl_s".into(),
+                "must be between 1 and 2592000 (30 days)".into(),
             ));
         }
         if !(100..=600_000).contains(&self.billing.sweep_interval_ms) {

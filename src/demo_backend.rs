@@ -1,8 +1,12 @@
 //! A small HTTP/1.1 backend standing in for the generation service: the README's demo runs it
 //! behind the gateway, and the integration tests use it as the real upstream that records what
 //! it receives (method, path, headers, body) and answers as told (status, `X-Images-Generated`,
-//! delay). Not part of the request path.
+//! delay). A `POST /api/v1/videos` starts a job (its id in the JSON body `id` and/or
+//! `X-Job-Id`, as told); `GET /api/v1/jobs/{id}` answers that job's status — the one
+//! [`DemoBackend::set_job_status`] gave it, else [`Behaviour::job_status`] — or 404 for a job it
+//! never started. Not part of the request path.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +19,20 @@ pub struct Behaviour {
     pub status: u16,
     pub images_generated: Option<u64>,
     pub delay: Duration,
+    /// Where a started job's id is given.
+    pub job_id: JobIdIn,
+    /// What a poll of a job reports unless [`DemoBackend::set_job_status`] said otherwise.
+    pub job_status: String,
+}
+
+/// Where the answer to `POST /api/v1/videos` carries the job id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobIdIn {
+    Body,
+    Header,
+    Both,
+    /// Neither: a 2xx without a job id.
+    Neither,
 }
 
 impl Default for Behaviour {
@@ -23,6 +41,8 @@ impl Default for Behaviour {
             status: 200,
             images_generated: None,
             delay: Duration::ZERO,
+            job_id: JobIdIn::Body,
+            job_status: "succeeded".to_string(),
         }
     }
 }
@@ -53,9 +73,14 @@ pub struct DemoBackend {
     pub addr: std::net::SocketAddr,
     recorded: Arc<Mutex<Vec<Recorded>>>,
     behaviour: Arc<Mutex<Behaviour>>,
+    /// Job id → status set by the test or demo.
+    jobs: Arc<Mutex<HashMap<String, Option<String>>>>,
 }
 
 const KEEP_BODY: usize = 1024 * 1024;
+
+/// Status, JSON body and extra header lines of one answer.
+type Answer = (u16, String, Vec<String>);
 
 impl DemoBackend {
     /// Binds `addr` (port 0 for any) and serves on the current tokio runtime.
@@ -65,6 +90,7 @@ impl DemoBackend {
             addr: listener.local_addr()?,
             recorded: Arc::default(),
             behaviour: Arc::default(),
+            jobs: Arc::default(),
         };
         let serving = backend.clone();
         tokio::spawn(async move {
@@ -82,6 +108,72 @@ impl DemoBackend {
         if let Ok(mut cur) = self.behaviour.lock() {
             *cur = b;
         }
+    }
+
+    /// What polls of job `id` report from now on (`pending`, `succeeded`, `failed`, ...).
+    pub fn set_job_status(&self, id: &str, status: &str) {
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.insert(id.to_string(), Some(status.to_string()));
+        }
+    }
+
+    /// The ids of the jobs started so far, oldest first.
+    pub fn job_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .jobs
+            .lock()
+            .map(|j| j.keys().cloned().collect())
+            .unwrap_or_default();
+        ids.sort_by_key(|id| id.trim_start_matches("job_").parse::<u64>().unwrap_or(0));
+        ids
+    }
+
+    /// The answer to a request for `target`: status, JSON body, extra headers.
+    fn answer(&self, behaviour: &Behaviour, target: &str, job: &str, model: &str) -> Answer {
+        let path = target.split('?').next().unwrap_or("");
+        let ok = (200..300).contains(&behaviour.status);
+        if !ok {
+            let body = format!(r#"{{"error":"backend answered {}"}}"#, behaviour.status);
+            return (behaviour.status, body, Vec::new());
+        }
+        if let Some(id) = path.strip_prefix("/api/v1/jobs/") {
+            let status = self
+                .jobs
+                .lock()
+                .ok()
+                .and_then(|j| j.get(id).cloned())
+                .map(|s| s.unwrap_or_else(|| behaviour.job_status.clone()));
+            return match status {
+                Some(status) => (
+                    200,
+                    format!(r#"{{"id":"{id}","status":"{status}"}}"#),
+                    Vec::new(),
+                ),
+                None => (404, r#"{"error":"no such job"}"#.to_string(), Vec::new()),
+            };
+        }
+        if path == "/api/v1/videos" {
+            if let Ok(mut jobs) = self.jobs.lock() {
+                jobs.insert(job.to_string(), None);
+            }
+            let (in_body, in_header) = match behaviour.job_id {
+                JobIdIn::Body => (true, false),
+                JobIdIn::Header => (false, true),
+                JobIdIn::Both => (true, true),
+                JobIdIn::Neither => (false, false),
+            };
+            let body = match in_body {
+                true => format!(r#"{{"id":"{job}","status":"pending","model":"{model}"}}"#),
+                false => format!(r#"{{"status":"pending","model":"{model}"}}"#),
+            };
+            let headers = match in_header {
+                true => vec![format!("X-Job-Id: {job}")],
+                false => Vec::new(),
+            };
+            return (behaviour.status, body, headers);
+        }
+        let body = format!(r#"{{"id":"{job}","status":"succeeded","model":"{model}"}}"#);
+        (behaviour.status, body, Vec::new())
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -172,6 +264,7 @@ impl DemoBackend {
             let behaviour = self.behaviour.lock().map(|b| b.clone()).unwrap_or_default();
             let job = format!("job_{}", self.request_count() + 1);
             let model = find("x-creditgate-model").unwrap_or_default();
+            let (status, payload, extra) = self.answer(&behaviour, &target, &job, &model);
             if let Ok(mut r) = self.recorded.lock() {
                 r.push(Recorded {
                     method,
@@ -184,16 +277,15 @@ impl DemoBackend {
             if !behaviour.delay.is_zero() {
                 tokio::time::sleep(behaviour.delay).await;
             }
-            let payload = if (200..300).contains(&behaviour.status) {
-                format!(r#"{{"id":"{job}","status":"succeeded","model":"{model}"}}"#)
-            } else {
-                format!(r#"{{"error":"backend answered {}"}}"#, behaviour.status)
-            };
             let mut response = format!(
                 "HTTP/1.1 {} Demo\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-                behaviour.status,
+                status,
                 payload.len()
             );
+            for h in extra {
+                response.push_str(&h);
+                response.push_str("\r\n");
+            }
             if let Some(k) = behaviour.images_generated {
                 response.push_str(&format!("X-Images-Generated: {k}\r\n"));
             }

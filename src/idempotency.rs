@@ -19,8 +19,17 @@ use crate::rules::Quote;
 pub const KEEP_MS: i64 = 24 * 3600 * 1000;
 /// The largest response body kept for replay; larger ones replay without a body.
 pub const MAX_REPLAY_BODY: usize = 64 * 1024;
-/// Response headers replayed with the body: the billing headers.
-const REPLAYED_HEADERS: [&str; 4] = BILLING_HEADERS;
+/// Response headers replayed with the body: the billing headers, and an accepted job's held
+/// amount and id.
+const REPLAYED_HEADERS: [&str; 7] = [
+    BILLING_HEADERS[0],
+    BILLING_HEADERS[1],
+    BILLING_HEADERS[2],
+    BILLING_HEADERS[3],
+    crate::jobs::HELD_HEADERS[0],
+    crate::jobs::HELD_HEADERS[1],
+    crate::jobs::JOB_ID_HEADER,
+];
 
 /// A claimed key: this request runs, and must finish or release it.
 #[derive(Debug, Clone, PartialEq, Eq)]

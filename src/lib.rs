@@ -19,6 +19,7 @@
 //!                  ├─ rules::Catalog::match_route unknown routes are 404, never proxied
 //!                  ├─ auth::authenticate          key hash → Principal (cached ≤ 1 s), slots
 //!                  ├─ ratelimit                   per key, per plan (governor, per instance)
+//!                  ├─ jobs::admit_poll            a job poll: the caller's own job, else 404
 //!                  ├─ rules::quote                operation × model × quantity → credits / µ$
 //!                  ├─ idempotency::check          Idempotency-Key: replay, 409 or 422
 //!                  └─ reserve::reserve            credits first, else pay-per-use under the
@@ -28,14 +29,19 @@
 //!          ─► headers::prepare_upstream_request   key stripped, spoofed gateway headers removed
 //!          ─► backend
 //!          ◄─ proxy::upstream_response_filter     settle::UpstreamOutcome::from_response
-//!          ◄─ proxy::response_filter              headers::billing_headers
+//!          ◄─ proxy::response_filter              headers::billing_headers (a job route's 2xx:
+//!                                                 jobs::held_headers; X-Job-Id recorded here)
+//!          ◄─ proxy::response_body_filter         jobs::Watch reads a job's id / status
 //!          ◄─ proxy::logging → settle::finish     2xx keeps, anything else refunds, once;
+//!                                                 a job route's 2xx: jobs::conclude_creation
+//!                                                 (held for the job); a poll of one's own job:
+//!                                                 jobs::conclude_poll (its final state settles);
 //!                                                 idempotency::conclude; logging::RequestLine
 //! ```
 //!
 //! Beside it: `sweeper` (settles holds whose lease ended unsettled — a killed gateway, a hung
 //! store — by `billing.orphan_policy`, and finishes refunds claimed but not applied),
-//! `admin_api` (accounts, keys, grants, catalog, `/openapi.json`), `live_catalog` + `reloader`
+//! `admin_api` (accounts, keys, grants, catalog, the job callback, `/openapi.json`), `live_catalog` + `reloader`
 //! (hot reload), `ledger` (Redis without Lua, or memory), `stripe` (meter-event outbox,
 //! webhooks), `metrics`, `server` (start-up), `cli`, `failpoint` (fault-test hooks).
 
@@ -57,6 +63,7 @@ pub mod headers;
 pub mod http_limits;
 pub mod idempotency;
 pub mod incoming;
+pub mod jobs;
 pub mod ledger;
 pub mod live_catalog;
 pub mod logging;

@@ -86,6 +86,11 @@ metric!(SWEEPS: IntCounterVec = register_int_counter_vec!(
     "Sweeper runs by result (ok, error), and refunds it finished (result finished_refund).",
     &["result"]
 ));
+metric!(JOBS: IntCounterVec = register_int_counter_vec!(
+    "creditgate_jobs_total",
+    "Async jobs: accepted (hold kept for the job), settled at a final state (succeeded, failed, canceled), answered 2xx without a job id (no_job_id, settled as a request), not recorded (record_failed).",
+    &["event"]
+));
 metric!(SETTLEMENT_FAILURES: IntCounterVec = register_int_counter_vec!(
     "creditgate_settlement_failures_total",
     "Settlements that could not be written to the store (the charge stands).",

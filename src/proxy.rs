@@ -20,9 +20,11 @@ use crate::gateway::Gateway;
 use crate::headers;
 use crate::idempotency::{self, Capture};
 use crate::incoming::{drain_small_body, expects_continue, SessionRequest};
+use crate::jobs;
 use crate::logging::RequestLine;
 use crate::metrics;
 use crate::respond::JsonReply;
+use crate::rules::SettleAt;
 use crate::settle::{self, Settlement, UpstreamOutcome};
 
 pub struct CreditGateProxy {
@@ -43,6 +45,8 @@ pub struct RequestCtx {
     error_code: Option<&'static str>,
     /// The response as the client got it, kept when an `Idempotency-Key` will replay it.
     replay: Option<Capture>,
+    /// What a job-creating or job-status exchange's answer says (`jobs`).
+    job: Option<jobs::Watch>,
 }
 
 impl RequestCtx {
@@ -96,6 +100,7 @@ impl ProxyHttp for CreditGateProxy {
             status: 0,
             error_code: None,
             replay: None,
+            job: None,
         }
     }
 
@@ -189,15 +194,45 @@ impl ProxyHttp for CreditGateProxy {
         crate::connection::close_if_stopping(session);
         ctx.status = response.status.as_u16();
         headers::strip_billing_headers(response);
+        for name in jobs::HELD_HEADERS {
+            response.remove_header(name);
+        }
         response.insert_header("X-Request-Id", ctx.request_id.as_str())?;
         let Some(forward) = ctx.forward.as_ref() else {
             return Ok(());
         };
+        let accepted_job = forward.settle_at == SettleAt::Job
+            && matches!(ctx.outcome(), UpstreamOutcome::Succeeded { .. });
         if let Some(reservation) = forward.reservation.as_ref() {
-            let settlement = settle::decide(reservation, ctx.outcome());
-            for (name, value) in headers::billing_headers(reservation, settlement) {
-                response.insert_header(name, value)?;
+            if accepted_job {
+                // Held for the job; a job id in the header is recorded before the client (or
+                // the backend's callback) can name it.
+                let header_id = jobs::header_job_id(response);
+                let mut recorded = false;
+                if let Some(id) = header_id.as_deref().filter(|id| jobs::valid_job_id(id)) {
+                    jobs::record(&self.gw, reservation, id, &ctx.request_id).await;
+                    recorded = true;
+                }
+                ctx.job = Some(jobs::Watch::Creating {
+                    body: jobs::BodyCapture::default(),
+                    header_id,
+                    recorded,
+                });
+                for (name, value) in jobs::held_headers(reservation) {
+                    response.insert_header(name, value)?;
+                }
+            } else {
+                let settlement = settle::decide(reservation, ctx.outcome());
+                for (name, value) in headers::billing_headers(reservation, settlement) {
+                    response.insert_header(name, value)?;
+                }
             }
+        }
+        if let Some(job) = forward.job_poll.as_ref() {
+            ctx.job = Some(jobs::Watch::Polling {
+                job: Box::new(job.clone()),
+                body: jobs::BodyCapture::default(),
+            });
         }
         if forward.idempotency.is_some() {
             ctx.replay = Some(Capture::of(response));
@@ -214,6 +249,9 @@ impl ProxyHttp for CreditGateProxy {
     ) -> Result<Option<std::time::Duration>> {
         if let (Some(capture), Some(chunk)) = (ctx.replay.as_mut(), body.as_ref()) {
             capture.push_body(chunk);
+        }
+        if let (Some(watch), Some(chunk)) = (ctx.job.as_mut(), body.as_ref()) {
+            watch.push(chunk);
         }
         Ok(None)
     }
@@ -258,9 +296,21 @@ impl ProxyHttp for CreditGateProxy {
                 ctx.started.elapsed().as_secs_f64(),
             );
             if let Some(reservation) = forward.reservation.as_ref() {
-                settled = Some(
-                    settle::finish(&self.gw.ledger, reservation, outcome, &ctx.request_id).await,
-                );
+                settled = Some(if forward.settle_at == SettleAt::Job {
+                    jobs::conclude_creation(
+                        &self.gw,
+                        reservation,
+                        outcome,
+                        ctx.job.as_ref(),
+                        &ctx.request_id,
+                    )
+                    .await
+                } else {
+                    settle::finish(&self.gw.ledger, reservation, outcome, &ctx.request_id).await
+                });
+            }
+            if forward.job_poll.is_some() {
+                jobs::conclude_poll(&self.gw, outcome, ctx.job.as_ref(), &ctx.request_id).await;
             }
             if let Some(ticket) = forward.idempotency.as_ref() {
                 let delivered = ctx

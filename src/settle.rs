@@ -156,7 +156,7 @@ async fn write_logged(
 }
 
 /// Counts what a settled reservation kept and gave back.
-fn record(reservation: &Reservation, s: Settlement) {
+pub(crate) fn record(reservation: &Reservation, s: Settlement) {
     let meta = &reservation.meta;
     match reservation.payment {
         Payment::Credits { .. } => {

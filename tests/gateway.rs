@@ -78,10 +78,8 @@ async fn every_cell_of_the_credit_table_is_charged_as_listed() {
                 .await;
             assert_eq!(r.status, 200, "video {duration}s on {model}: {}", r.text());
             expected_balance -= cost;
-            assert_eq!(
-                r.header("X-Credits-Charged"),
-                Some(cost.to_string().as_str())
-            );
+            // A video is a job (`settle = "job"`): held until its final state (tests/jobs.rs).
+            assert_eq!(r.header("X-Credits-Held"), Some(cost.to_string().as_str()));
             assert_eq!(e.gw.balance(&key).await, expected_balance);
         }
     }
@@ -816,22 +814,43 @@ async fn jobs_are_authenticated_and_free_and_unknown_routes_404() {
     e.gw.create_account("p", "pro", false).await;
     let key = e.gw.create_key("p").await;
     let auth = bearer(&key);
-    let r = http::get(
-        e.gw.proxy,
-        "/api/v1/jobs/job_1",
-        &[("Authorization", &auth)],
-    )
-    .await;
+    // The account's own job (a video it started; the demo backend reports it succeeded).
+    let r =
+        e.gw.generate(
+            &key,
+            "/api/v1/videos",
+            json!({"model": "seedream-4.5", "duration": 10}),
+        )
+        .await;
+    assert_eq!(r.json()["id"], "job_1", "{}", r.text());
+    // Named in the body, the job is recorded just after its answer went out.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let r = loop {
+        let r = http::get(
+            e.gw.proxy,
+            "/api/v1/jobs/job_1",
+            &[("Authorization", &auth)],
+        )
+        .await;
+        if r.status != 404 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("X-Credits-Charged"), None);
-    assert_eq!(e.backend.request_count(), 1);
+    assert_eq!(e.backend.request_count(), 2);
     let r = http::get(e.gw.proxy, "/api/v1/jobs/job_1", &[]).await;
     assert_eq!(r.status, 401);
     let r = http::get(e.gw.proxy, "/api/v1/nothing", &[("Authorization", &auth)]).await;
     assert_eq!(r.status, 404);
     assert_eq!(r.error_code(), "not_found");
-    assert_eq!(e.backend.request_count(), 1);
-    assert_eq!(e.gw.balance(&key).await, 300);
+    assert_eq!(e.backend.request_count(), 2);
+    assert_eq!(
+        e.gw.balance(&key).await,
+        280,
+        "the video, kept by its job's success"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use creditgate::clock::{Clock, FakeClock};
 use creditgate::ledger::{
     Account, AccountChange, ChargeMeta, CreditBucket, CreditChange, CreditReservation,
-    CreditReserveOutcome, GuardedChange, KeyRecord, KeySlotClaim, Ledger, MemoryLedger,
-    OrphanPolicy, RedisLedger, SettleOutcome, SpendReservation, SpendReserveOutcome, StoreError,
-    StripeReport, SubscriptionEvent, SubscriptionStatus, PAY_PER_USE_PLAN,
+    CreditReserveOutcome, GuardedChange, JobHold, JobPayment, KeyRecord, KeySlotClaim, Ledger,
+    MemoryLedger, OrphanPolicy, RedisLedger, SettleOutcome, SpendReservation, SpendReserveOutcome,
+    StoreError, StripeReport, SubscriptionEvent, SubscriptionStatus, PAY_PER_USE_PLAN,
 };
 use creditgate::period;
 use support::RedisServer;
@@ -112,6 +112,8 @@ conformance!(
     sweep_settles_orphans_by_policy_once,
     sweep_leaves_settled_and_live_holds_alone,
     concurrent_sweeps_refund_an_orphan_once,
+    a_job_hold_is_found_by_its_account_and_swept_only_after_the_job_ttl,
+    recording_a_job_does_not_revive_a_settled_hold,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -2484,4 +2486,131 @@ async fn redis_key_slots_survive_lost_removals_and_old_scores() {
         .map(|k| k.id)
         .collect();
     assert_eq!(order, ["k-old", "k-new1", "k-new2"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Async jobs
+
+fn job(account_id: &str, job_id: &str, rid: &str, amount: u64) -> JobHold {
+    JobHold {
+        job_id: job_id.to_string(),
+        account_id: account_id.to_string(),
+        reservation_id: rid.to_string(),
+        plan: "starter".to_string(),
+        payment: JobPayment::Credits,
+        charged: amount,
+        meta: meta(1, amount),
+    }
+}
+
+const JOB_LEASE_END: i64 = LEASE_END + 3_600_000;
+
+async fn a_job_hold_is_found_by_its_account_and_swept_only_after_the_job_ttl(b: Backend) {
+    let bkt = bucket("p-jobs", 100);
+    assert_eq!(
+        reserved(&*b.ledger, &leased("acct-job", "j-1", &bkt, 20, LEASE_END)).await,
+        80
+    );
+    let held = job("acct-job", "job_7", "j-1", 20);
+    b.ledger
+        .record_job(&held, JOB_LEASE_END, 2 * 3_600_000)
+        .await
+        .expect("record");
+    assert_eq!(
+        b.ledger
+            .account_job("acct-job", "job_7")
+            .await
+            .expect("read"),
+        Some(held.clone())
+    );
+    assert_eq!(
+        b.ledger
+            .account_job("acct-other", "job_7")
+            .await
+            .expect("read"),
+        None,
+        "another account's job is not found"
+    );
+    assert_eq!(b.ledger.find_job("job_7").await.expect("read"), Some(held));
+    assert_eq!(b.ledger.find_job("job_8").await.expect("read"), None);
+    // The request's lease is over, the job's is not: the sweeper leaves the hold to the job.
+    let early = b
+        .ledger
+        .sweep(LEASE_END + 60_000, OrphanPolicy::Refund, 100)
+        .await
+        .expect("sweep");
+    assert_eq!(early.orphans, 0, "{early:?}");
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-job", &bkt)
+            .await
+            .expect("balance"),
+        80
+    );
+    // Never final within the job's TTL: an orphan like any other.
+    let late = b
+        .ledger
+        .sweep(JOB_LEASE_END + 60_000, OrphanPolicy::Refund, 100)
+        .await
+        .expect("sweep");
+    assert_eq!(late.orphans, 1, "{late:?}");
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-job", &bkt)
+            .await
+            .expect("balance"),
+        100
+    );
+    // The job's final state seen afterwards settles nothing more.
+    assert_eq!(
+        b.ledger
+            .settle_as("acct-job", "j-1", 20, "job_late")
+            .await
+            .expect("settle"),
+        SettleOutcome::AlreadySettled
+    );
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-job", &bkt)
+            .await
+            .expect("balance"),
+        100
+    );
+}
+
+async fn recording_a_job_does_not_revive_a_settled_hold(b: Backend) {
+    let bkt = bucket("p-jobs-settled", 100);
+    assert_eq!(
+        reserved(&*b.ledger, &leased("acct-js", "js-1", &bkt, 20, LEASE_END)).await,
+        80
+    );
+    assert_eq!(
+        b.ledger
+            .settle("acct-js", "js-1", 20)
+            .await
+            .expect("settle"),
+        SettleOutcome::Settled
+    );
+    b.ledger
+        .record_job(
+            &job("acct-js", "job_9", "js-1", 20),
+            JOB_LEASE_END,
+            3_600_000,
+        )
+        .await
+        .expect("record");
+    let report = b
+        .ledger
+        .sweep(JOB_LEASE_END + 60_000, OrphanPolicy::Refund, 100)
+        .await
+        .expect("sweep");
+    assert_eq!(report.orphans, 0, "{report:?}");
+    assert_eq!(
+        b.ledger
+            .credit_balance("acct-js", &bkt)
+            .await
+            .expect("balance"),
+        100,
+        "refunded once"
+    );
 }

@@ -175,6 +175,19 @@ async fn send(
     .await
 }
 
+/// Polls the caller's job until it is known (a job named in its accepting answer's body is
+/// recorded just after that answer was sent); the first answer that is not a 404, within 3 s.
+async fn poll_recorded(proxy: std::net::SocketAddr, target: &str, key: &str) -> Response {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let r = get(proxy, target, Some(key)).await;
+        if r.status != 404 || std::time::Instant::now() > deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The shipped rules plus a `tiny` plan of one request per minute (to provoke 429).
 fn rules_copy(dir: &Path) -> PathBuf {
     let rules = dir.join("rules");
@@ -662,12 +675,76 @@ async fn every_documented_answer_is_what_the_binary_answers() {
     let r = image(&k_ppu, json!({"model": "midjourney-v7", "n": 1})).await;
     c.check(images, "post", 200, &r);
     assert_eq!(r.header("X-Charge-Usd"), Some("0.324"), "{:?}", r.headers);
-    c.check(videos, "post", 200, &video(&k_biz, clip.clone()).await);
+    let r = video(&k_biz, clip.clone()).await;
+    c.check(videos, "post", 200, &r);
+    assert_eq!(r.header("X-Credits-Held"), Some("10"), "{:?}", r.headers);
+    let job_path = format!("/api/v1/jobs/{}", r.json()["id"].as_str().expect("job id"));
+    let job_path = job_path.as_str();
+    let r = poll_recorded(proxy, job_path, &k_biz).await;
+    c.check(jobs, "get", 200, &r);
+    // Another account's job: 404, never proxied.
+    let before = backend.request_count();
+    c.check(jobs, "get", 404, &get(proxy, job_path, Some(&k_ppu)).await);
     c.check(
         jobs,
         "get",
-        200,
-        &get(proxy, "/api/v1/jobs/job_1", Some(&k_biz)).await,
+        404,
+        &get(proxy, "/api/v1/jobs/job_none", Some(&k_biz)).await,
+    );
+    assert_eq!(backend.request_count(), before);
+
+    // The backend's job callback on the admin listener.
+    let report = "/admin/jobs/{id}";
+    let r = video(&k_biz, clip.clone()).await;
+    let reported = format!("/admin/jobs/{}", r.json()["id"].as_str().expect("job id"));
+    let failed = json!({"status": "failed"});
+    // Known once its accepting answer was sent (404 until then).
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let r = loop {
+        let r = send(admin, "POST", &reported, token, &[], Some(&failed)).await;
+        if r.status != 404 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    c.check(report, "post", 200, &r);
+    assert_eq!(r.json()["applied"], true);
+    let r = send(admin, "POST", &reported, token, &[], Some(&failed)).await;
+    c.check(report, "post", 200, &r);
+    assert_eq!(r.json()["applied"], false, "a duplicate is a no-op");
+    c.check(
+        report,
+        "post",
+        400,
+        &send(
+            admin,
+            "POST",
+            &reported,
+            token,
+            &[],
+            Some(&json!({"status": "done"})),
+        )
+        .await,
+    );
+    c.check(
+        report,
+        "post",
+        404,
+        &send(
+            admin,
+            "POST",
+            "/admin/jobs/job_none",
+            token,
+            &[],
+            Some(&failed),
+        )
+        .await,
+    );
+    c.check(
+        report,
+        "post",
+        401,
+        &send(admin, "POST", &reported, None, &[], Some(&failed)).await,
     );
 
     c.check(
@@ -720,12 +797,7 @@ async fn every_documented_answer_is_what_the_binary_answers() {
         401,
         &send(proxy, "POST", videos, None, &[], Some(&clip)).await,
     );
-    c.check(
-        jobs,
-        "get",
-        401,
-        &get(proxy, "/api/v1/jobs/job_1", None).await,
-    );
+    c.check(jobs, "get", 401, &get(proxy, job_path, None).await);
 
     c.check(images, "post", 402, &image(&k_broke, pro.clone()).await);
     c.check(images, "post", 402, &image(&k_lapsed, pro.clone()).await);
@@ -742,12 +814,7 @@ async fn every_documented_answer_is_what_the_binary_answers() {
 
     c.check(images, "post", 403, &image(&k_down, pro.clone()).await);
     c.check(videos, "post", 403, &video(&k_crowded, clip.clone()).await);
-    c.check(
-        jobs,
-        "get",
-        403,
-        &get(proxy, "/api/v1/jobs/job_1", Some(&k_down)).await,
-    );
+    c.check(jobs, "get", 403, &get(proxy, job_path, Some(&k_down)).await);
 
     let r = send(
         proxy,
@@ -765,18 +832,31 @@ async fn every_documented_answer_is_what_the_binary_answers() {
     c.check(images, "post", 413, &image(&k_biz, big.clone()).await);
     c.check(videos, "post", 413, &video(&k_biz, big).await);
 
-    // Rate limit: the tiny plan allows one request per key and minute.
-    for (i, (path, method, target, body)) in [
-        (images, "POST", relight, Some(pro.clone())),
-        (videos, "POST", videos, Some(clip.clone())),
-        (jobs, "GET", "/api/v1/jobs/job_1", None),
+    // Rate limit: the tiny plan allows one request per key and minute. The poll is of the
+    // video job the account's second key started.
+    let mut tiny_job = String::new();
+    for (i, (path, method, body)) in [
+        (images, "POST", Some(pro.clone())),
+        (videos, "POST", Some(clip.clone())),
+        (jobs, "GET", None),
     ]
     .into_iter()
     .enumerate()
     {
-        let first = send(proxy, method, target, Some(&tiny[i]), &[], body.as_ref()).await;
+        let target = match i {
+            0 => relight.to_string(),
+            1 => videos.to_string(),
+            _ => tiny_job.clone(),
+        };
+        let first = match i {
+            2 => poll_recorded(proxy, &target, &tiny[i]).await,
+            _ => send(proxy, method, &target, Some(&tiny[i]), &[], body.as_ref()).await,
+        };
         assert!(first.status < 300, "first tiny request: {}", first.text());
-        let r = send(proxy, method, target, Some(&tiny[i]), &[], body.as_ref()).await;
+        if i == 1 {
+            tiny_job = format!("/api/v1/jobs/{}", first.json()["id"].as_str().expect("id"));
+        }
+        let r = send(proxy, method, &target, Some(&tiny[i]), &[], body.as_ref()).await;
         c.check(path, &method.to_lowercase(), 429, &r);
     }
 
@@ -850,12 +930,7 @@ async fn every_documented_answer_is_what_the_binary_answers() {
     c.check(images, "post", 504, &r);
     assert_eq!(r.header("X-Credits-Charged"), Some("0"));
     c.check(videos, "post", 504, &video(&k_biz, clip.clone()).await);
-    c.check(
-        jobs,
-        "get",
-        504,
-        &get(proxy, "/api/v1/jobs/job_1", Some(&k_biz)).await,
-    );
+    c.check(jobs, "get", 504, &get(proxy, job_path, Some(&k_biz)).await);
 
     // The backend's own refusal passes through (`default`), refunded.
     backend.set_behaviour(Behaviour {
@@ -866,12 +941,7 @@ async fn every_documented_answer_is_what_the_binary_answers() {
     c.check(images, "post", 418, &r);
     assert_eq!(r.header("X-Credits-Charged"), Some("0"));
     c.check(videos, "post", 418, &video(&k_biz, clip.clone()).await);
-    c.check(
-        jobs,
-        "get",
-        418,
-        &get(proxy, "/api/v1/jobs/job_1", Some(&k_biz)).await,
-    );
+    c.check(jobs, "get", 418, &get(proxy, job_path, Some(&k_biz)).await);
     backend.set_behaviour(Behaviour::default());
 
     // No backend at all: 502, refunded.
@@ -888,7 +958,7 @@ async fn every_documented_answer_is_what_the_binary_answers() {
         jobs,
         "get",
         502,
-        &get(gone.proxy, "/api/v1/jobs/job_1", Some(&k_biz)).await,
+        &get(gone.proxy, job_path, Some(&k_biz)).await,
     );
 
     // ---- the store frozen: 503 everywhere it is needed ------------------------------------
@@ -916,11 +986,12 @@ async fn every_documented_answer_is_what_the_binary_answers() {
         &ask(Some(k_dark.clone()), relight_q("nano-banana-pro", 1)).await,
     );
     c.check(videos, "post", 503, &video(&k_dark, clip.clone()).await);
+    c.check(jobs, "get", 503, &get(proxy, job_path, Some(&k_dark)).await);
     c.check(
-        jobs,
-        "get",
+        report,
+        "post",
         503,
-        &get(proxy, "/api/v1/jobs/job_1", Some(&k_dark)).await,
+        &send(admin, "POST", &reported, token, &[], Some(&failed)).await,
     );
     c.check(
         accounts,

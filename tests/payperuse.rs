@@ -96,7 +96,7 @@ async fn credits_first_then_overage() {
     let gw = GatewayProcess::start(&redis.url(), backend.addr).await;
     gw.create_account("s", "starter", true).await;
     let key = gw.create_key("s").await;
-    // 100 credits: five 20-credit videos.
+    // 100 credits: five 20-credit videos (held against their jobs: tests/jobs.rs).
     for _ in 0..5 {
         let r = gw
             .generate(
@@ -105,7 +105,7 @@ async fn credits_first_then_overage() {
                 json!({"model": "nano-banana-2", "duration": 10}),
             )
             .await;
-        assert_eq!(r.header("X-Credits-Charged"), Some("20"));
+        assert_eq!(r.header("X-Credits-Held"), Some("20"));
     }
     // Out of credits: the image goes to pay-per-use at the model's rate.
     let r = gw

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use super::JobHold;
 use super::{
     Account, AccountChange, CreditBucket, CreditChange, CreditReservation, CreditReserveOutcome,
     GuardedChange, IdempotencyClaim, KeyRecord, KeySlotClaim, Ledger, OrphanPolicy, SettleOutcome,
@@ -61,6 +62,10 @@ struct State {
     stripe_events: HashMap<String, (bool, Instant)>,
     /// (account, key hash) → (record, forget at).
     idempotency: HashMap<(String, String), (String, Instant)>,
+    /// (account, job id) → (the job's hold, forget at).
+    jobs: HashMap<(String, String), (JobHold, Instant)>,
+    /// job id → account.
+    job_index: HashMap<String, String>,
 }
 
 struct Held {
@@ -571,5 +576,61 @@ impl Ledger for MemoryLedger {
             .idempotency
             .remove(&(account_id.to_string(), key_hash.to_string()));
         Ok(())
+    }
+
+    async fn record_job(
+        &self,
+        job: &JobHold,
+        lease_until_ms: i64,
+        keep_ms: i64,
+    ) -> StoreResult<()> {
+        let mut state = self.lock();
+        let forget = expiry(keep_ms);
+        let now = Instant::now();
+        state.jobs.retain(|_, (_, at)| *at > now);
+        let live: std::collections::HashSet<&String> = state.jobs.keys().map(|(_, j)| j).collect();
+        let stale: Vec<String> = state
+            .job_index
+            .keys()
+            .filter(|j| !live.contains(j))
+            .cloned()
+            .collect();
+        for j in stale {
+            state.job_index.remove(&j);
+        }
+        if let Some(held) = state
+            .reservations
+            .get_mut(&pair(&job.account_id, &job.reservation_id))
+        {
+            if !held.settled {
+                held.lease_until_ms = lease_until_ms;
+            }
+            held.expires = held.expires.max(forget);
+        }
+        state
+            .jobs
+            .insert(pair(&job.account_id, &job.job_id), (job.clone(), forget));
+        state
+            .job_index
+            .insert(job.job_id.clone(), job.account_id.clone());
+        Ok(())
+    }
+
+    async fn account_job(&self, account_id: &str, job_id: &str) -> StoreResult<Option<JobHold>> {
+        let state = self.lock();
+        let now = Instant::now();
+        Ok(state
+            .jobs
+            .get(&pair(account_id, job_id))
+            .filter(|(_, at)| *at > now)
+            .map(|(job, _)| job.clone()))
+    }
+
+    async fn find_job(&self, job_id: &str) -> StoreResult<Option<JobHold>> {
+        let account = self.lock().job_index.get(job_id).cloned();
+        match account {
+            Some(account) => self.account_job(&account, job_id).await,
+            None => Ok(None),
+        }
     }
 }

@@ -8,10 +8,12 @@
 //! on a connection of its own for guarded account changes) and
 //! [`MemoryLedger`] (single process, for trying it out and for tests).
 
+mod jobs;
 mod memory;
 mod redis;
 pub mod schema;
 
+pub use self::jobs::{JobHold, JobPayment};
 pub use self::memory::MemoryLedger;
 pub use self::redis::RedisLedger;
 
@@ -475,4 +477,18 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Forgets the key, so the same request may run again.
     async fn release_idempotency_key(&self, account_id: &str, key_hash: &str) -> StoreResult<()>;
+
+    /// Records an accepted job's hold, in one atomic step: the job under its account and in the
+    /// job-id index (both kept `keep_ms`), the hold's lease extended to `lease_until_ms` (so the
+    /// sweeper leaves it to the job until then) and its reservation record kept at least
+    /// `keep_ms`. A hold already settled stays settled (the lease of a settled hold is not
+    /// revived).
+    async fn record_job(&self, job: &JobHold, lease_until_ms: i64, keep_ms: i64)
+        -> StoreResult<()>;
+
+    /// The account's job, `None` when it has no such job (or it was forgotten).
+    async fn account_job(&self, account_id: &str, job_id: &str) -> StoreResult<Option<JobHold>>;
+
+    /// A job by its id alone (the backend callback), through the job-id index.
+    async fn find_job(&self, job_id: &str) -> StoreResult<Option<JobHold>>;
 }

@@ -23,6 +23,8 @@
 //! | `cg:customer:<stripe customer id>` | string | the account id with that Stripe customer (checked against the account on read) |
 //! | `cg:{a:<id>}:idem:<sha256 of key>` | string | an `Idempotency-Key`: the request's fingerprint and, once done, its outcome |
 //! | `cg:stripe:evt:<event id>` | string | a Stripe webhook event: `pending` (lease) or `done` |
+//! | `cg:{a:<account>}:job:<job id>` | string (JSON) | an async job's hold ([`JobHold`](super::JobHold)): the reservation it settles |
+//! | `cg:job:<job id>` | string | the account of that job (the backend callback's lookup) |
 //!
 //! Account ids are validated by the admin API, but a `{`, `}` or `%` in one is still escaped
 //! (`%7B`, `%7D`, `%25`) so no id can move its keys to another slot or collide with another
@@ -138,6 +140,16 @@ pub fn stripe_customer(customer_id: &str) -> String {
 }
 
 /// `cg:{a:<account>}:idem:<sha256 of the Idempotency-Key>`
+/// `cg:{a:<account>}:job:<job id>`
+pub fn job(account_id: &str, job_id: &str) -> String {
+    format!("cg:{}:job:{job_id}", tag(account_id))
+}
+
+/// `cg:job:<job id>`
+pub fn job_index(job_id: &str) -> String {
+    format!("cg:job:{job_id}")
+}
+
 pub fn idempotency(account_id: &str, key_hash: &str) -> String {
     format!("{}:idem:{key_hash}", tag(account_id))
 }

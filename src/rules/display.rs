@@ -146,6 +146,7 @@ fn route_json(r: &Route) -> Value {
     map.insert("method".into(), r.method().into());
     map.insert("path".into(), r.path_pattern().into());
     map.insert("billed".into(), r.is_billed().into());
+    map.insert("settle".into(), r.settle_at().as_str().into());
     if r.is_billed() {
         map.insert("operations".into(), json!(r.operation_ids()));
         if !r.operation_sources().is_empty() {

@@ -141,6 +141,9 @@ pub(crate) struct RawRoute {
     pub quantity_default: Option<u64>,
     #[serde(default)]
     pub quantity_max: Option<u64>,
+    /// `request` (default), `job` or `job_status` ([`crate::rules::SettleAt`]).
+    #[serde(default)]
+    pub settle: Option<String>,
 }
 
 /// One successfully read entry of an array of tables, with where it is.

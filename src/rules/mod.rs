@@ -34,7 +34,7 @@ pub use self::display::{
 };
 pub use self::problem::RuleProblem;
 pub use self::quote::{parse_json_body, quote, BodyError, Quote, QuoteError, RequestInputs};
-pub use self::routes::{Route, RouteMatch, Source};
+pub use self::routes::{Route, RouteMatch, SettleAt, Source};
 
 /// The files of a rules directory, in load order.
 pub const RULE_FILES: [&str; 4] = [

@@ -67,6 +67,39 @@ pub(crate) enum OperationRule {
     },
 }
 
+/// When a route's charge is settled (`settle` in `routes.toml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SettleAt {
+    /// When the request ends: a 2xx keeps, anything else refunds (the default).
+    #[default]
+    Request,
+    /// A billed route whose 2xx answer is a job: the hold waits for the job's final state.
+    Job,
+    /// An unbilled `GET` with an `{id}` capture that reports a job's state: an answer saying
+    /// `succeeded`, `failed` or `canceled` settles that job's hold.
+    JobStatus,
+}
+
+impl SettleAt {
+    /// As written in `routes.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Request => "request",
+            Self::Job => "job",
+            Self::JobStatus => "job_status",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "request" => Self::Request,
+            "job" => Self::Job,
+            "job_status" => Self::JobStatus,
+            _ => return None,
+        })
+    }
+}
+
 /// One validated route rule.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -80,6 +113,7 @@ pub struct Route {
     pub(crate) quantity_default: u64,
     pub(crate) quantity_max: u64,
     pub(crate) needs_json_body: bool,
+    pub(crate) settle: SettleAt,
 }
 
 impl Route {
@@ -104,6 +138,11 @@ impl Route {
     /// Whether a source reads the JSON body (the gateway must read and parse it first).
     pub fn needs_json_body(&self) -> bool {
         self.needs_json_body
+    }
+
+    /// When the route's charge is settled.
+    pub fn settle_at(&self) -> SettleAt {
+        self.settle
     }
 
     pub fn quantity_default(&self) -> u64 {
@@ -185,6 +224,11 @@ impl<'c> RouteMatch<'c> {
 
     pub fn needs_json_body(&self) -> bool {
         self.route.needs_json_body
+    }
+
+    /// See [`Route::settle_at`].
+    pub fn settle_at(&self) -> super::routes::SettleAt {
+        self.route.settle
     }
 
     /// The operation id when it is known without the body (fixed, or from the path).

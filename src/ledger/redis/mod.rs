@@ -107,6 +107,7 @@
 //! (`cg:lease:*`) written with every reservation.
 
 mod guarded;
+mod jobs;
 mod link;
 mod records;
 mod repair;
@@ -129,6 +130,7 @@ use self::records::{
 use self::repair::{Adjust, Fix, MAX_PENDING_REPAIRS};
 use self::settlement::{Settler, Unlist};
 use super::schema::{self, account_field as af, outbox_field as of, rsv_field as rf};
+use super::JobHold;
 use super::{
     Account, AccountChange, CreditBucket, CreditChange, CreditReservation, CreditReserveOutcome,
     GuardedChange, IdempotencyClaim, KeyRecord, KeySlotClaim, Ledger, OrphanPolicy, SettleOutcome,
@@ -901,6 +903,26 @@ impl Ledger for RedisLedger {
             .cmd(redis::cmd("DEL").arg(schema::idempotency(account_id, key_hash)))
             .await?;
         Ok(())
+    }
+
+    async fn record_job(
+        &self,
+        job: &JobHold,
+        lease_until_ms: i64,
+        keep_ms: i64,
+    ) -> StoreResult<()> {
+        self.link()
+            .await?
+            .record_job(job, lease_until_ms, keep_ms)
+            .await
+    }
+
+    async fn account_job(&self, account_id: &str, job_id: &str) -> StoreResult<Option<JobHold>> {
+        self.link().await?.account_job(account_id, job_id).await
+    }
+
+    async fn find_job(&self, job_id: &str) -> StoreResult<Option<JobHold>> {
+        self.link().await?.find_job(job_id).await
     }
 }
 

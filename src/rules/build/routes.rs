@@ -11,7 +11,7 @@ use super::LEDGER_MAX;
 use crate::rules::catalog::Operation;
 use crate::rules::files::{quote_key, Entry, RawRoute};
 use crate::rules::problem::{FileCtx, RuleProblem};
-use crate::rules::routes::{OperationRule, Route, Segment, Source, SourceKind};
+use crate::rules::routes::{OperationRule, Route, Segment, SettleAt, Source, SourceKind};
 
 /// Methods a route may name.
 const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
@@ -84,6 +84,45 @@ impl OperationRefs<'_, '_> {
     }
 }
 
+/// The route's `settle`: `job` only on a billed route, `job_status` only on an unbilled `GET`
+/// whose path captures `{id}` (the job id).
+fn settle_at(
+    ctx: &FileCtx<'_>,
+    e: &Entry<RawRoute>,
+    billed: bool,
+    segments: &[Segment],
+    problems: &mut Vec<RuleProblem>,
+) -> SettleAt {
+    let Some(text) = e.raw.settle.as_deref() else {
+        return SettleAt::Request;
+    };
+    let Some(at) = SettleAt::parse(text) else {
+        problems.push(e.problem(
+            ctx,
+            "settle",
+            format!("{text:?} is not one of \"request\", \"job\", \"job_status\""),
+        ));
+        return SettleAt::Request;
+    };
+    let captures_id = segments
+        .iter()
+        .any(|s| matches!(s, Segment::Capture(n) if n == "id"));
+    match at {
+        SettleAt::Job if !billed => {
+            problems.push(e.problem(ctx, "settle", "\"job\" needs a billed route"));
+        }
+        SettleAt::JobStatus if billed || e.raw.method != "GET" || !captures_id => {
+            problems.push(e.problem(
+                ctx,
+                "settle",
+                "\"job_status\" needs an unbilled GET route whose path captures `{id}`",
+            ));
+        }
+        _ => {}
+    }
+    at
+}
+
 /// Validates one `[[route]]`; `None` when it has problems (all recorded).
 pub(crate) fn build_route(
     ctx: &FileCtx<'_>,
@@ -122,6 +161,8 @@ pub(crate) fn build_route(
         Some(l) => l.clone(),
         None => format!("{} {}", raw.method, raw.path),
     };
+
+    let settle = settle_at(ctx, e, billed, &segments, problems);
 
     let billing_fields: [(&str, bool); 8] = [
         ("operation", raw.operation.is_some()),
@@ -164,6 +205,7 @@ pub(crate) fn build_route(
             quantity_default: 1,
             quantity_max: 1,
             needs_json_body: false,
+            settle,
         });
     }
 
@@ -324,6 +366,7 @@ pub(crate) fn build_route(
         quantity,
         quantity_default,
         quantity_max,
+        settle,
     };
 
     // Amounts must fit the ledger at the largest quantity.
@@ -398,6 +441,21 @@ mod tests {
             "routes.toml: route[5].path: \"/w//v\" has an empty segment",
             "routes.toml: route[5].operation: give only one of",
             "routes.toml: route[5].model: missing",
+        ] {
+            assert!(has(&list, needle), "{needle}\n{list:#?}");
+        }
+    }
+
+    #[test]
+    fn settle_problems() {
+        let routes = "[[route]]\nmethod = \"GET\"\npath = \"/a/{id}\"\nbilled = false\nsettle = \"job\"\n\n[[route]]\nmethod = \"POST\"\npath = \"/b/{id}\"\nbilled = false\nsettle = \"job_status\"\n\n[[route]]\nmethod = \"GET\"\npath = \"/c/{job}\"\nbilled = false\nsettle = \"job_status\"\n\n[[route]]\nmethod = \"POST\"\npath = \"/d\"\noperation = \"gen\"\nmodel = [\"body:model\"]\nsettle = \"later\"\n\n[[route]]\nmethod = \"POST\"\npath = \"/e/{id}\"\noperation = \"gen\"\nmodel = [\"body:model\"]\nsettle = \"job_status\"\n";
+        let list = problems(PLANS, MODELS, OPS, routes);
+        for needle in [
+            "routes.toml: route[0].settle: \"job\" needs a billed route",
+            "routes.toml: route[1].settle: \"job_status\" needs an unbilled GET route",
+            "routes.toml: route[2].settle: \"job_status\" needs an unbilled GET route",
+            "routes.toml: route[3].settle: \"later\" is not one of",
+            "routes.toml: route[4].settle: \"job_status\" needs an unbilled GET route",
         ] {
             assert!(has(&list, needle), "{needle}\n{list:#?}");
         }
