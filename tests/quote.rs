@@ -173,7 +173,11 @@ fn read_quote(r: &Response) -> Said {
 /// What the real request did, in the same terms.
 fn read_charge(r: &Response, quoted_payer: Option<&str>) -> Said {
     match r.status {
-        200 => match (r.header("X-Credits-Charged"), r.header("X-Charge-Usd")) {
+        // A video is held against its job (`X-Credits-Held`): the quote is the price of the hold.
+        200 => match (
+            r.header("X-Credits-Charged").or(r.header("X-Credits-Held")),
+            r.header("X-Charge-Usd").or(r.header("X-Charge-Usd-Held")),
+        ) {
             (Some(c), None) => Said::Pays {
                 payer: "credits".into(),
                 amount: c.into(),
