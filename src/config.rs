@@ -26,6 +26,7 @@ pub struct Config {
     pub stripe: StripeConfig,
     pub admin: AdminConfig,
     pub logging: LoggingConfig,
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -307,6 +308,7 @@ impl Config {
                 "stripe" => read_section(&section, value, &mut config.stripe, &mut problems),
                 "admin" => read_section(&section, value, &mut config.admin, &mut problems),
                 "logging" => read_section(&section, value, &mut config.logging, &mut problems),
+                "alerts" => read_section(&section, value, &mut config.alerts, &mut problems),
                 other => problems.push((other.to_string(), "unknown section".to_string())),
             }
         }
@@ -493,6 +495,7 @@ impl Config {
                 ));
             }
         }
+        p.extend(self.alerts.problems());
         p
     }
 

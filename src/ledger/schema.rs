@@ -23,6 +23,8 @@
 //! | `cg:customer:<stripe customer id>` | string | the account id with that Stripe customer (checked against the account on read) |
 //! | `cg:{a:<id>}:idem:<sha256 of key>` | string | an `Idempotency-Key`: the request's fingerprint and, once done, its outcome |
 //! | `cg:stripe:evt:<event id>` | string | a Stripe webhook event: `pending` (lease) or `done` |
+//! | `cg:{a:<id>}:alert:<period>:<percent>` | string | the claim of one low-balance alert (its token; `crate::alerts`) |
+//! | `cg:alerts` | stream | low-balance alerts to POST to the operator (`crate::alerts`) |
 //!
 //! Account ids are validated by the admin API, but a `{`, `}` or `%` in one is still escaped
 //! (`%7B`, `%7D`, `%25`) so no id can move its keys to another slot or collide with another
@@ -31,6 +33,17 @@
 //! [`RedisLedger`]: super::RedisLedger
 //! [`Account`]: super::Account
 //! [`KeyRecord`]: super::KeyRecord
+
+/// The low-balance alert outbox stream.
+pub const ALERTS: &str = "cg:alerts";
+/// The consumer group of the alert delivery workers.
+pub const ALERTS_GROUP: &str = "alerts";
+
+/// `cg:{a:<account>}:alert:<period>:<percent>`: claimed once per account, threshold and period
+/// (a credit period id or a `YYYYMM` month; the two never collide).
+pub fn alert_claim(account_id: &str, period: &str, percent: u8) -> String {
+    format!("cg:{}:alert:{period}:{percent}", tag(account_id))
+}
 
 /// The Stripe outbox stream.
 pub const OUTBOX: &str = "cg:outbox";
