@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
-use tokio::sync::Semaphore;
+use tokio::sync::{OnceCell, Semaphore};
 
 use super::{metrics, Alert};
 use crate::ledger::schema;
@@ -28,7 +28,9 @@ const ATTEMPTS: u32 = 5;
 
 /// The writer of the alert outbox. Cheap to share.
 pub struct AlertOutbox {
-    conn: ConnectionManager,
+    client: redis::Client,
+    /// Made on first use (inside the runtime; the writer is built before it runs).
+    conn: OnceCell<ConnectionManager>,
     timeout: Duration,
     pending: Arc<Semaphore>,
 }
@@ -45,17 +47,10 @@ impl AlertOutbox {
     /// A writer to the Redis at `url`; connects on first use.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
         let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500))
-            .set_number_of_retries(3);
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| e.to_string())?;
         metrics::register();
         Ok(Self {
-            conn,
+            client,
+            conn: OnceCell::new(),
             timeout,
             pending: Arc::new(Semaphore::new(MAX_PENDING)),
         })
@@ -116,7 +111,20 @@ impl AlertOutbox {
             .arg(schema::ALERTS)
             .arg("*")
             .arg(alert.fields());
-        let mut conn = self.conn.clone();
+        let mut conn = self
+            .conn
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_millis(500))
+                    .set_number_of_retries(3);
+                ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .clone();
         let replies: Vec<Value> = tokio::time::timeout(self.timeout, p.query_async(&mut conn))
             .await
             .map_err(|_| "store command timed out".to_string())?
