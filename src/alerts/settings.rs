@@ -79,3 +79,39 @@ impl AlertsConfig {
         p
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_nonsense_is_named() {
+        assert!(AlertsConfig::default().problems().is_empty());
+        let bad = AlertsConfig {
+            enabled: true,
+            url: "ops.example.com".into(),
+            secret_env: "A-B".into(),
+            request_timeout_ms: 10,
+            backoff_min_ms: 2_000,
+            backoff_max_ms: 1_000,
+            claim_idle_ms: 1_000,
+        };
+        let fields: Vec<String> = bad.problems().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            [
+                "alerts.url",
+                "alerts.secret_env",
+                "alerts.request_timeout_ms",
+                "alerts.backoff_min_ms",
+                "alerts.claim_idle_ms"
+            ]
+        );
+        // A disabled section may leave the url empty.
+        let off = AlertsConfig {
+            url: String::new(),
+            ..AlertsConfig::default()
+        };
+        assert!(off.problems().is_empty());
+    }
+}
