@@ -279,6 +279,9 @@ async fn reserve_timed(
         &["reserve"],
         started.elapsed().as_secs_f64(),
     );
+    if let Ok(r) = &reserved {
+        crate::alerts::notice(gw, catalog, &principal.account, r, now_ms);
+    }
     reserved
 }
 

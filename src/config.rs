@@ -26,6 +26,7 @@ pub struct Config {
     pub stripe: StripeConfig,
     pub admin: AdminConfig,
     pub logging: LoggingConfig,
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -322,6 +323,7 @@ impl Config {
                 "stripe" => read_section(&section, value, &mut config.stripe, &mut problems),
                 "admin" => read_section(&section, value, &mut config.admin, &mut problems),
                 "logging" => read_section(&section, value, &mut config.logging, &mut problems),
+                "alerts" => read_section(&section, value, &mut config.alerts, &mut problems),
                 other => problems.push((other.to_string(), "unknown section".to_string())),
             }
         }
@@ -514,6 +516,7 @@ impl Config {
                 ));
             }
         }
+        p.extend(self.alerts.problems());
         p
     }
 

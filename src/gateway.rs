@@ -22,6 +22,8 @@ pub struct Gateway {
     pub redis: Option<Arc<RedisLedger>>,
     /// The admin bearer token, from the environment variable the config names.
     pub admin_token: Option<String>,
+    /// The low-balance alert outbox, when `[alerts] enabled` (Redis only).
+    pub alerts: Option<Arc<crate::alerts::AlertOutbox>>,
 }
 
 impl Gateway {
@@ -44,6 +46,7 @@ impl Gateway {
             rate_limits: RateLimits::new(),
             redis: None,
             admin_token,
+            alerts: None,
         }
     }
 

@@ -47,6 +47,7 @@
 
 pub mod admin_api;
 pub mod admit;
+pub mod alerts;
 pub mod apikey;
 pub mod auth;
 pub mod billing_api;

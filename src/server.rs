@@ -26,6 +26,7 @@ use pingora::services::listening::Service;
 use crate::connection::{DrainWatch, HeadGuard, InFlight};
 
 use crate::admin_api::AdminApp;
+use crate::alerts::{AlertDelivery, AlertOutbox};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, StoreBackend};
 use crate::gateway::Gateway;
@@ -46,6 +47,8 @@ pub enum StartError {
     Store(String),
     #[error("Stripe reporting could not be set up: {0}")]
     Stripe(String),
+    #[error("low-balance alerts could not be set up: {0}")]
+    Alerts(String),
 }
 
 /// The shared state, from a validated config.
@@ -80,8 +83,10 @@ pub fn build_gateway(config: Config, clock: SharedClock) -> Result<Arc<Gateway>,
         }
     };
     metrics::set_catalog_version(catalog.snapshot().version);
+    let alerts = alert_outbox(&config)?;
     let mut gw = Gateway::new(config, catalog, ledger, clock);
     gw.redis = redis;
+    gw.alerts = alerts;
     Ok(Arc::new(gw))
 }
 
@@ -107,11 +112,18 @@ pub fn serve(config: Config) -> Result<(), StartError> {
         );
     }
     let reporter = stripe_reporter(&gw)?;
+    let alerts = alert_delivery(&gw)?;
     let mut server = build_server(gw);
     if let Some(r) = reporter {
         server.add_service(pingora::services::background::background_service(
             "stripe reporter",
             r,
+        ));
+    }
+    if let Some(d) = alerts {
+        server.add_service(pingora::services::background::background_service(
+            "alert delivery",
+            d,
         ));
     }
     server.run_forever();
@@ -210,4 +222,42 @@ fn stripe_reporter(gw: &Gateway) -> Result<Option<StripeReporter>, StartError> {
     StripeReporter::new(&cfg.store.url, &cfg.stripe, &secret, gw.clock.clone())
         .map(Some)
         .map_err(|e| StartError::Stripe(e.to_string()))
+}
+
+/// The alert outbox writer, when `[alerts] enabled`; alerts need Redis (the outbox is a stream).
+fn alert_outbox(cfg: &Config) -> Result<Option<Arc<AlertOutbox>>, StartError> {
+    if !cfg.alerts.enabled {
+        return Ok(None);
+    }
+    if cfg.store.backend != StoreBackend::Redis {
+        return Err(StartError::Alerts(
+            "alerts.enabled needs store.backend = \"redis\" (the outbox is a Redis stream)".into(),
+        ));
+    }
+    AlertOutbox::new(
+        &cfg.store.url,
+        Duration::from_millis(cfg.store.command_timeout_ms.max(1000)),
+    )
+    .map(|o| Some(Arc::new(o)))
+    .map_err(StartError::Alerts)
+}
+
+/// The alert delivery worker, when `[alerts] enabled`; refuses to start without the secret.
+fn alert_delivery(gw: &Gateway) -> Result<Option<AlertDelivery>, StartError> {
+    let cfg = &gw.config;
+    if !cfg.alerts.enabled {
+        return Ok(None);
+    }
+    let secret = std::env::var(&cfg.alerts.secret_env)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            StartError::Alerts(format!(
+                "alerts.enabled but ${} is not set",
+                cfg.alerts.secret_env
+            ))
+        })?;
+    AlertDelivery::new(&cfg.store.url, &cfg.alerts, &secret, gw.clock.clone())
+        .map(Some)
+        .map_err(StartError::Alerts)
 }

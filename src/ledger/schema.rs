@@ -25,6 +25,8 @@
 //! | `cg:stripe:evt:<event id>` | string | a Stripe webhook event: `pending` (lease) or `done` |
 //! | `cg:{a:<account>}:job:<job id>` | string (JSON) | an async job's hold ([`JobHold`](super::JobHold)): the reservation it settles |
 //! | `cg:job:<job id>` | string | the account of that job (the backend callback's lookup) |
+//! | `cg:{a:<id>}:alert:<period>:<percent>` | string | the claim of one low-balance alert (its token; `crate::alerts`) |
+//! | `cg:alerts` | stream | low-balance alerts to POST to the operator (`crate::alerts`) |
 //!
 //! Account ids are validated by the admin API, but a `{`, `}` or `%` in one is still escaped
 //! (`%7B`, `%7D`, `%25`) so no id can move its keys to another slot or collide with another
@@ -33,6 +35,17 @@
 //! [`RedisLedger`]: super::RedisLedger
 //! [`Account`]: super::Account
 //! [`KeyRecord`]: super::KeyRecord
+
+/// The low-balance alert outbox stream.
+pub const ALERTS: &str = "cg:alerts";
+/// The consumer group of the alert delivery workers.
+pub const ALERTS_GROUP: &str = "alerts";
+
+/// `cg:{a:<account>}:alert:<period>:<percent>`: claimed once per account, threshold and period
+/// (a credit period id or a `YYYYMM` month; the two never collide).
+pub fn alert_claim(account_id: &str, period: &str, percent: u8) -> String {
+    format!("cg:{}:alert:{period}:{percent}", tag(account_id))
+}
 
 /// The Stripe outbox stream.
 pub const OUTBOX: &str = "cg:outbox";

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::canonical::CanonicalPath;
 use super::routes::{self, Route, RouteMatch};
+use super::thresholds::Percents;
 use crate::money::MicroUsd;
 
 /// The plan id of accounts without a plan (pay-per-use only); reserved, no plan may use it.
@@ -39,6 +40,10 @@ pub struct Plan {
     /// Per-key request rate limit; zero means no API access.
     pub requests_per_minute: u32,
     pub stripe_price_ids: Vec<String>,
+    /// Low-balance alerts: percent of the allowance left (`alert_credits_left_percent`).
+    pub alert_credits_left: Percents,
+    /// Alerts on this plan's pay-per-use spend: percent of the limit spent.
+    pub alert_spend: Percents,
 }
 
 /// Settings of accounts that have no plan (the `pay_per_use` plan id).
@@ -46,6 +51,8 @@ pub struct Plan {
 pub struct PayPerUse {
     pub api_keys: u32,
     pub requests_per_minute: u32,
+    /// Alerts on the spend of accounts without a plan: percent of the limit spent.
+    pub alert_spend: Percents,
 }
 
 /// A model clients may ask for.

@@ -191,6 +191,8 @@ pub fn render_json(c: &Catalog) -> Value {
                 "priceMicroUsd": p.price.0,
                 "requestsPerMinute": p.requests_per_minute,
                 "stripePriceIds": p.stripe_price_ids,
+                "alertCreditsLeftPercent": p.alert_credits_left,
+                "alertSpendPercent": p.alert_spend,
             })
         })
         .collect();
@@ -249,6 +251,7 @@ pub fn render_json(c: &Catalog) -> Value {
         "payPerUse": {
             "apiKeys": c.pay_per_use().api_keys,
             "requestsPerMinute": c.pay_per_use().requests_per_minute,
+            "alertSpendPercent": c.pay_per_use().alert_spend,
         },
         "models": models,
         "creditColumns": c.credit_columns().map(|m| m.id.to_string()).collect::<Vec<_>>(),

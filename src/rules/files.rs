@@ -66,6 +66,10 @@ pub(crate) struct RawPlan {
     pub requests_per_minute: u32,
     #[serde(default)]
     pub stripe_price_ids: Vec<String>,
+    #[serde(default)]
+    pub alert_credits_left_percent: Vec<i64>,
+    #[serde(default)]
+    pub alert_spend_percent: Vec<i64>,
 }
 
 /// `[pay_per_use]` in `plans.toml`.
@@ -74,6 +78,8 @@ pub(crate) struct RawPlan {
 pub(crate) struct RawPayPerUse {
     pub api_keys: u32,
     pub requests_per_minute: u32,
+    #[serde(default)]
+    pub alert_spend_percent: Vec<i64>,
 }
 
 /// `[[model]]` in `models.toml`.

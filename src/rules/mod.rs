@@ -20,6 +20,7 @@ mod files;
 mod problem;
 mod quote;
 mod routes;
+pub mod thresholds;
 
 use std::path::Path;
 

@@ -13,6 +13,7 @@ use crate::rules::files::{
     open, read_entries, read_value, top, EntryList, RawGrant, RawPayPerUse, RawPlan,
 };
 use crate::rules::problem::{FileCtx, RuleProblem};
+use crate::rules::thresholds::{Percents, ThresholdKind};
 
 pub(super) type PlansOut = (
     Vec<Plan>,
@@ -36,6 +37,20 @@ pub(super) fn build_plans(ctx: &FileCtx<'_>, problems: &mut Vec<RuleProblem>) ->
         Ok(Some(raw)) => Some(PayPerUse {
             api_keys: raw.api_keys,
             requests_per_minute: raw.requests_per_minute,
+            alert_spend: match Percents::parse(ThresholdKind::Spend, &raw.alert_spend_percent) {
+                Ok(set) => set,
+                Err(list) => {
+                    let span = top(&doc, "pay_per_use").map(|v| v.span());
+                    for (i, msg) in list {
+                        problems.push(ctx.problem(
+                            format!("pay_per_use.alert_spend_percent[{i}]"),
+                            msg,
+                            span.as_ref(),
+                        ));
+                    }
+                    Percents::EMPTY
+                }
+            },
         }),
         Ok(None) => {
             problems.push(ctx.problem(
@@ -112,6 +127,24 @@ pub(super) fn build_plans(ctx: &FileCtx<'_>, problems: &mut Vec<RuleProblem>) ->
                 stripe.insert(price_id.clone(), plans.len());
             }
         }
+        let mut thresholds = |key: &str, kind: ThresholdKind, values: &[i64]| {
+            Percents::parse(kind, values).unwrap_or_else(|list| {
+                for (i, msg) in list {
+                    problems.push(e.problem_at(ctx, &format!("{key}[{i}]"), key, msg));
+                }
+                Percents::EMPTY
+            })
+        };
+        let alert_credits_left = thresholds(
+            "alert_credits_left_percent",
+            ThresholdKind::CreditsLeft,
+            &raw.alert_credits_left_percent,
+        );
+        let alert_spend = thresholds(
+            "alert_spend_percent",
+            ThresholdKind::Spend,
+            &raw.alert_spend_percent,
+        );
         if let (true, Some(price)) = (ok, price) {
             let id: Arc<str> = Arc::from(raw.id.as_str());
             index.insert(id.clone(), plans.len());
@@ -127,6 +160,8 @@ pub(super) fn build_plans(ctx: &FileCtx<'_>, problems: &mut Vec<RuleProblem>) ->
                 price,
                 requests_per_minute: raw.requests_per_minute,
                 stripe_price_ids: raw.stripe_price_ids.clone(),
+                alert_credits_left,
+                alert_spend,
             });
         }
     }
@@ -151,6 +186,20 @@ mod tests {
             "plans.toml: plan[0].stripe_price_ids[2]: \"\" is not a Stripe price id",
             "plans.toml: plan[1].credits:",
             "plans.toml: pay_per_use: missing (required)",
+        ] {
+            assert!(has(&list, needle), "{needle}\n{list:#?}");
+        }
+    }
+
+    #[test]
+    fn alert_threshold_problems() {
+        let plans = "[[plan]]\nid = \"b\"\nname = \"B\"\ncredits = 10\napi_keys = 1\nprice_usd = 1\nrequests_per_minute = 1\nalert_credits_left_percent = [20, 20, 100]\nalert_spend_percent = [0]\n\n[pay_per_use]\napi_keys = 1\nrequests_per_minute = 1\nalert_spend_percent = [80, 101]\n";
+        let list = problems(plans, MODELS, OPS, ROUTES);
+        for needle in [
+            "plans.toml: plan[0].alert_credits_left_percent[1]: 20 is listed twice",
+            "plans.toml: plan[0].alert_credits_left_percent[2]: 100: percent of the allowance left",
+            "plans.toml: plan[0].alert_spend_percent[0]: 0: percent of the spending limit spent",
+            "plans.toml: pay_per_use.alert_spend_percent[1]: 101:",
         ] {
             assert!(has(&list, needle), "{needle}\n{list:#?}");
         }
