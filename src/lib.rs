@@ -22,9 +22,11 @@
 //!                  ├─ jobs::admit_poll            a job poll: the caller's own job, else 404
 //!                  ├─ rules::quote                operation × model × quantity → credits / µ$
 //!                  ├─ idempotency::check          Idempotency-Key: replay, 409 or 422
-//!                  └─ reserve::reserve            credits first, else pay-per-use under the
-//!                                                 monthly limit: ONE store round trip, which
-//!                                                 also leases the hold to this request
+//!                  ├─ reserve::reserve            credits first, else pay-per-use under the
+//!                  │                              monthly limit: ONE store round trip, which
+//!                  │                              also leases the hold to this request
+//!                  └─ alerts::notice              a threshold crossed → one signed alert
+//!                                                 (claimed + queued off the critical path)
 //!          ─► proxy::upstream_peer                no I/O, no billing (it runs again on retries)
 //!          ─► headers::prepare_upstream_request   key stripped, spoofed gateway headers removed
 //!          ─► backend
@@ -40,10 +42,11 @@
 //! ```
 //!
 //! Beside it: `sweeper` (settles holds whose lease ended unsettled — a killed gateway, a hung
-//! store — by `billing.orphan_policy`, and finishes refunds claimed but not applied),
-//! `admin_api` (accounts, keys, grants, catalog, the job callback, `/openapi.json`), `live_catalog` + `reloader`
-//! (hot reload), `ledger` (Redis without Lua, or memory), `stripe` (meter-event outbox,
-//! webhooks), `metrics`, `server` (start-up), `cli`, `failpoint` (fault-test hooks).
+//! store, a job never final — by `billing.orphan_policy`, and finishes refunds claimed but not
+//! applied), `admin_api` (accounts, keys, grants, catalog, the job callback, `/openapi.json`),
+//! `live_catalog` + `reloader` (hot reload), `ledger` (Redis without Lua, or memory), `stripe`
+//! (meter-event outbox, webhooks), `alerts` (low-balance alert delivery), `metrics`, `server`
+//! (start-up), `cli`, `failpoint` (fault-test hooks).
 
 pub mod admin_api;
 pub mod admit;
