@@ -147,6 +147,8 @@ pub struct BillingConfig {
     pub lease_grace_ms: u64,
     /// How often each instance's sweeper looks for holds whose lease ended.
     pub sweep_interval_ms: u64,
+    /// How long usage history (`GET /api/usage`, `creditgate usage`) is kept, in days (1..=3660).
+    pub usage_retention_days: u64,
 }
 
 impl Default for BillingConfig {
@@ -158,6 +160,7 @@ impl Default for BillingConfig {
             orphan_policy: crate::ledger::OrphanPolicy::Refund,
             lease_grace_ms: 60_000,
             sweep_interval_ms: 5_000,
+            usage_retention_days: crate::ledger::usage::DEFAULT_RETENTION_DAYS,
         }
     }
 }
@@ -469,6 +472,12 @@ impl Config {
             p.push((
                 "billing.sweep_interval_ms".into(),
                 "must be between 100 and 600000".into(),
+            ));
+        }
+        if !(1..=3660).contains(&self.billing.usage_retention_days) {
+            p.push((
+                "billing.usage_retention_days".into(),
+                "must be between 1 and 3660".into(),
             ));
         }
         if self.stripe.enabled

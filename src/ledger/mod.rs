@@ -11,9 +11,11 @@
 mod memory;
 mod redis;
 pub mod schema;
+pub mod usage;
 
 pub use self::memory::MemoryLedger;
 pub use self::redis::RedisLedger;
+pub use self::usage::{UsageCursor, UsageEntry, UsageKind, UsagePage, UsageQuery, UsageUnit};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -475,4 +477,10 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Forgets the key, so the same request may run again.
     async fn release_idempotency_key(&self, account_id: &str, key_hash: &str) -> StoreResult<()>;
+
+    /// One page of the account's usage history, newest first: every charge, refund, grant and
+    /// reset, each written in the same atomic step as the money it describes (a refused
+    /// reservation's charge is removed in its compensation), kept for the retention the ledger
+    /// was built with ([`usage`]).
+    async fn usage(&self, account_id: &str, query: &UsageQuery) -> StoreResult<UsagePage>;
 }
