@@ -576,6 +576,29 @@ mod tests {
     }
 
     #[test]
+    fn usage_retention_is_validated() {
+        let base = "[upstream]\naddress = \"127.0.0.1:9000\"\n";
+        let c = Config::parse("t.toml", base).expect("valid");
+        assert_eq!(c.billing.usage_retention_days, 90);
+        let c = Config::parse(
+            "t.toml",
+            &format!("{base}[billing]\nusage_retention_days = 400\n"),
+        )
+        .expect("valid");
+        assert_eq!(c.billing.usage_retention_days, 400);
+        for bad in ["0", "3661"] {
+            let text = format!("{base}[billing]\nusage_retention_days = {bad}\n");
+            let problems = Config::parse("t.toml", &text).expect_err("refused");
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.to_string().contains("billing.usage_retention_days")),
+                "{bad}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_key() {
         let text =
             "[server]\nlisten = \"nope\"\nbogus = 1\n[store]\nfail_mode = \"open\"\n[weird]\n";
