@@ -43,6 +43,9 @@
 //!   is unknown: the stub `HSETNX` made is deleted). The claimer then gives the clamped refund
 //!   back: `MULTI { INCRBY bal r | DECRBY spend r; HINCRBY rsv refund_applied 1; HSET rsv
 //!   refunded r }`.
+//! - usage history ([`usage`]): the reservations, their compensations, refunds, grants and resets
+//!   each carry their entry's `ZREMRANGEBYSCORE; ZADD; PEXPIRE cg:{a:<id>}:usage` (or `ZREM`)
+//!   in their own transaction; no step gains a round trip (`reset_credits` becomes a `MULTI`).
 //! - accounts: `HSETNX` of every field in one `MULTI` (all or nothing; the signup bucket's
 //!   `SET NX` in the same transaction, deleted again when the account already existed).
 //!   `change_account` (2): `HEXISTS`, then `MULTI { HSET <only the changed fields>; HGETALL }`.
