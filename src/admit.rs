@@ -74,6 +74,14 @@ pub async fn admit(
         "POST /webhooks/stripe".clone_into(route_label);
         return stripe_webhook(gw, req).await;
     }
+    if path.path == crate::usage_api::PATH {
+        if method != "GET" {
+            return Err(GatewayError::NotFound);
+        }
+        crate::usage_api::LABEL.clone_into(route_label);
+        let reply = crate::usage_api::answer(gw, req, path.query.as_deref()).await?;
+        return Ok(Admission::Reply(reply));
+    }
     let catalog = gw.catalog.snapshot();
     if path.path == quote_api::QUOTE_PATH {
         if method != "POST" {

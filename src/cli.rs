@@ -1,5 +1,6 @@
 //! The command line (CONTRACT §1): `serve`, `check` (like `nginx -t`: every problem with file and
-//! field, exit 1) and `catalog` (the effective plans, rates and credit costs).
+//! field, exit 1), `catalog` (the effective plans, rates and credit costs) and `usage` (one
+//! account's usage history of a month, from the configured store, as CSV or JSON).
 
 use std::path::PathBuf;
 
@@ -38,6 +39,24 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Export one account's usage history of a UTC month (oldest first) from the store.
+    Usage {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        account: String,
+        /// `YYYY-MM`, UTC.
+        #[arg(long)]
+        month: String,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Csv)]
+        format: ExportFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    Csv,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -100,4 +119,62 @@ pub fn catalog(config_path: &std::path::Path, format: Format) -> Result<String, 
 /// The config path for a subcommand's `--config`.
 pub fn config_path(flag: &Option<PathBuf>) -> PathBuf {
     config::resolve_path(flag.as_deref())
+}
+
+/// `creditgate usage`: reads every entry of `month` from the store the config names.
+pub fn usage(
+    config_path: &std::path::Path,
+    account: &str,
+    month: &str,
+    format: ExportFormat,
+) -> Result<String, Vec<String>> {
+    let config = Config::load(config_path)
+        .map_err(|ps| ps.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let (from_ms, to_ms) = month_range(month).ok_or_else(|| {
+        vec![format!(
+            "--month `{month}` must be a UTC month as YYYY-MM (e.g. 2026-11)"
+        )]
+    })?;
+    let ledger = match config.store.backend {
+        config::StoreBackend::Redis => crate::ledger::RedisLedger::new(
+            &config.store.url,
+            std::time::Duration::from_millis(config.store.command_timeout_ms.max(1000)),
+        )
+        .map_err(|e| vec![e.to_string()])?,
+        config::StoreBackend::Memory => {
+            return Err(vec![
+                "store.backend = \"memory\" keeps usage history inside the serving process only; nothing to export".to_string(),
+            ])
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| vec![format!("runtime: {e}")])?;
+    let mut entries = runtime
+        .block_on(crate::usage_export::read_all(
+            &ledger, account, from_ms, to_ms,
+        ))
+        .map_err(|e| vec![e.to_string()])?;
+    entries.reverse();
+    Ok(match format {
+        ExportFormat::Csv => crate::usage_export::csv(&entries),
+        ExportFormat::Json => crate::usage_export::json(account, month, &entries),
+    })
+}
+
+/// `[first ms of the month, first ms of the next)` of `YYYY-MM`.
+fn month_range(month: &str) -> Option<(i64, i64)> {
+    let ok = month.len() == 7
+        && month.as_bytes().get(4) == Some(&b'-')
+        && month
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| i == 4 || b.is_ascii_digit());
+    if !ok {
+        return None;
+    }
+    let from = crate::period::parse_timestamp_ms(&format!("{month}-01T00:00:00Z"))?;
+    let to = crate::period::add_months(from, 1)?;
+    Some((from, to))
 }

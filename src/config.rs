@@ -151,6 +151,8 @@ pub struct BillingConfig {
     /// How long an async job (`settle = "job"`) may take to reach its final state: its hold's
     /// lease; a job not final by then is settled by the sweeper under `orphan_policy`.
     pub job_ttl_s: u64,
+    /// How long usage history (`GET /api/usage`, `creditgate usage`) is kept, in days (1..=3660).
+    pub usage_retention_days: u64,
 }
 
 impl Default for BillingConfig {
@@ -163,6 +165,7 @@ impl Default for BillingConfig {
             lease_grace_ms: 60_000,
             sweep_interval_ms: 5_000,
             job_ttl_s: 3600,
+            usage_retention_days: crate::ledger::usage::DEFAULT_RETENTION_DAYS,
         }
     }
 }
@@ -494,6 +497,12 @@ impl Config {
                 "must be between 100 and 600000".into(),
             ));
         }
+        if !(1..=3660).contains(&self.billing.usage_retention_days) {
+            p.push((
+                "billing.usage_retention_days".into(),
+                "must be between 1 and 3660".into(),
+            ));
+        }
         if self.stripe.enabled
             && !(self.stripe.api_base.starts_with("http://")
                 || self.stripe.api_base.starts_with("https://"))
@@ -588,6 +597,29 @@ mod tests {
         assert_eq!(c.store.command_timeout_ms, 200);
         assert_eq!(c.billing.default_spending_limit_cents, 5000);
         assert_eq!(c.rules.dir, PathBuf::from("lua-free-rules"));
+    }
+
+    #[test]
+    fn usage_retention_is_validated() {
+        let base = "[upstream]\naddress = \"127.0.0.1:9000\"\n";
+        let c = Config::parse("t.toml", base).expect("valid");
+        assert_eq!(c.billing.usage_retention_days, 90);
+        let c = Config::parse(
+            "t.toml",
+            &format!("{base}[billing]\nusage_retention_days = 400\n"),
+        )
+        .expect("valid");
+        assert_eq!(c.billing.usage_retention_days, 400);
+        for bad in ["0", "3661"] {
+            let text = format!("{base}[billing]\nusage_retention_days = {bad}\n");
+            let problems = Config::parse("t.toml", &text).expect_err("refused");
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.to_string().contains("billing.usage_retention_days")),
+                "{bad}: {problems:?}"
+            );
+        }
     }
 
     #[test]

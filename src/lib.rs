@@ -88,3 +88,5 @@ pub mod server;
 pub mod settle;
 pub mod stripe;
 pub mod sweeper;
+pub mod usage_api;
+pub mod usage_export;

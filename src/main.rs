@@ -47,6 +47,23 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Usage {
+            config,
+            account,
+            month,
+            format,
+        } => match cli::usage(&cli::config_path(&config), &account, &month, format) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                for p in problems {
+                    eprintln!("{p}");
+                }
+                ExitCode::FAILURE
+            }
+        },
         Command::Catalog { config, format } => {
             match cli::catalog(&cli::config_path(&config), format) {
                 Ok(text) => {

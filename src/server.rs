@@ -70,7 +70,8 @@ pub fn build_gateway(config: Config, clock: SharedClock) -> Result<Arc<Gateway>,
                     &config.store.url,
                     Duration::from_millis(config.store.command_timeout_ms),
                 )
-                .map_err(|e| StartError::Store(e.to_string()))?,
+                .map_err(|e| StartError::Store(e.to_string()))?
+                .with_usage_retention_days(config.billing.usage_retention_days),
             );
             redis = Some(r.clone());
             r
@@ -79,7 +80,9 @@ pub fn build_gateway(config: Config, clock: SharedClock) -> Result<Arc<Gateway>,
             tracing::warn!(
                 "store.backend = \"memory\": balances live in this process only and are lost on exit; use Redis in production"
             );
-            Arc::new(MemoryLedger::new())
+            Arc::new(
+                MemoryLedger::new().with_usage_retention_days(config.billing.usage_retention_days),
+            )
         }
     };
     metrics::set_catalog_version(catalog.snapshot().version);

@@ -961,6 +961,60 @@ async fn every_documented_answer_is_what_the_binary_answers() {
         &get(gone.proxy, job_path, Some(&k_biz)).await,
     );
 
+    // ---- usage history (after the generation probes, so entries of every kind exist) -------
+    let usage = "/api/usage";
+    let page = get(proxy, "/api/usage?limit=3", Some(&k_biz)).await;
+    c.check(usage, "get", 200, &page);
+    let next = page.json()["nextCursor"].as_str().map(str::to_string);
+    let next = next.expect("k_biz has more than 3 entries");
+    c.check(
+        usage,
+        "get",
+        200,
+        &get(
+            proxy,
+            &format!("/api/usage?cursor={next}&limit=1000"),
+            Some(&k_biz),
+        )
+        .await,
+    );
+    c.check(
+        usage,
+        "get",
+        200,
+        &get(
+            proxy,
+            "/api/usage?from=2026-01-01T00:00:00Z&to=4102444800000",
+            Some(&k_ppu),
+        )
+        .await,
+    );
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "from=soon",
+        "cursor=zz",
+        "to=1&to=2",
+        "page=1",
+    ] {
+        let r = get(proxy, &format!("/api/usage?{bad}"), Some(&k_biz)).await;
+        c.check(usage, "get", 400, &r);
+    }
+    c.check(usage, "get", 401, &get(proxy, usage, None).await);
+    c.check(
+        usage,
+        "get",
+        401,
+        &get(proxy, usage, Some("at_live_nope")).await,
+    );
+    c.check(usage, "get", 403, &get(proxy, usage, Some(&k_down)).await);
+    c.check(
+        usage,
+        "get",
+        403,
+        &get(proxy, usage, Some(&k_crowded)).await,
+    );
+
     // ---- the store frozen: 503 everywhere it is needed ------------------------------------
     // `k_dark` was never used, so no instance has it cached: authentication needs the store.
     redis.pause();
@@ -972,6 +1026,7 @@ async fn every_documented_answer_is_what_the_binary_answers() {
     ] {
         c.check(path, "get", 503, &get(proxy, path, Some(&k_dark)).await);
     }
+    c.check(usage, "get", 503, &get(proxy, usage, Some(&k_dark)).await);
     c.check(
         limit,
         "post",

@@ -24,16 +24,22 @@ use super::{
     Account, AccountChange, CreditBucket, CreditChange, CreditReservation, CreditReserveOutcome,
     GuardedChange, IdempotencyClaim, KeyRecord, KeySlotClaim, Ledger, OrphanPolicy, SettleOutcome,
     SpendReservation, SpendReserveOutcome, StoreResult, StripeEventClaim, StripeReport,
-    SubscriptionEvent, SweepReport,
+    SubscriptionEvent, SweepReport, UsageEntry, UsageKind, UsagePage, UsageQuery, UsageUnit,
 };
+use crate::clock::{Clock, SystemClock};
 
 /// Prune expired reservation records every this many new reservations.
 const PRUNE_EVERY: u32 = 1024;
 
 /// The in-process ledger.
-#[derive(Default)]
 pub struct MemoryLedger {
     state: Mutex<State>,
+}
+
+impl Default for MemoryLedger {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 #[derive(Default)]
@@ -66,6 +72,10 @@ struct State {
     jobs: HashMap<(String, String), (JobHold, Instant)>,
     /// job id → account.
     job_index: HashMap<String, String>,
+    /// account → (time, entry id) → usage entry.
+    usage: HashMap<String, BTreeMap<(i64, String), UsageEntry>>,
+    /// How long usage entries are kept (ms, on the UTC clock).
+    usage_keep_ms: i64,
 }
 
 struct Held {
@@ -75,6 +85,8 @@ struct Held {
     expires: Instant,
     /// When the hold's lease ends (UTC ms, the ledger callers' clock).
     lease_until_ms: i64,
+    /// The charge's usage entry, which a refund is recorded from.
+    charge: UsageEntry,
 }
 
 enum Target {
@@ -84,7 +96,19 @@ enum Target {
 
 impl MemoryLedger {
     pub fn new() -> Self {
-        Self::default()
+        let state = State {
+            usage_keep_ms: days_ms(super::usage::DEFAULT_RETENTION_DAYS),
+            ..State::default()
+        };
+        Self {
+            state: Mutex::new(state),
+        }
+    }
+
+    /// Keeps usage history for `days` (`billing.usage_retention_days`) instead of the default.
+    pub fn with_usage_retention_days(self, days: u64) -> Self {
+        self.lock().usage_keep_ms = days_ms(days);
+        self
     }
 
     /// Pay-per-use reports waiting for delivery.
@@ -106,6 +130,10 @@ impl MemoryLedger {
     }
 }
 
+fn days_ms(days: u64) -> i64 {
+    i64::try_from(days.saturating_mul(24 * 3600 * 1000)).unwrap_or(i64::MAX)
+}
+
 fn pair(a: &str, b: &str) -> (String, String) {
     (a.to_string(), b.to_string())
 }
@@ -117,6 +145,15 @@ fn expiry(ttl_ms: i64) -> Instant {
 }
 
 impl State {
+    /// Adds a usage entry (same lock as its money) and forgets those past the retention.
+    fn record(&mut self, account_id: &str, entry: UsageEntry) {
+        let horizon = entry.time_ms.saturating_sub(self.usage_keep_ms);
+        let history = self.usage.entry(account_id.to_string()).or_default();
+        let kept = history.split_off(&(horizon, String::new()));
+        *history = kept;
+        history.insert((entry.time_ms, entry.id.clone()), entry);
+    }
+
     fn balance_entry(&mut self, account_id: &str, bucket: &CreditBucket) -> &mut u64 {
         self.balances
             .entry(pair(account_id, &bucket.id))
@@ -137,7 +174,7 @@ impl State {
     /// Settles a reservation once (see [`Ledger::settle`]).
     fn settle(&mut self, account_id: &str, reservation_id: &str, refund: u64) -> SettleOutcome {
         let key = pair(account_id, reservation_id);
-        let (target, refund) = match self.reservations.get_mut(&key) {
+        let (target, refund, charge) = match self.reservations.get_mut(&key) {
             None => return SettleOutcome::Unknown,
             Some(held) if held.expires <= Instant::now() => return SettleOutcome::Unknown,
             Some(held) if held.settled => return SettleOutcome::AlreadySettled,
@@ -151,10 +188,12 @@ impl State {
                         month: month.clone(),
                     },
                 };
-                (target, refund.min(held.amount))
+                (target, refund.min(held.amount), held.charge.clone())
             }
         };
         if refund > 0 {
+            let entry = charge.refund_of(refund, SystemClock.now_ms());
+            self.record(account_id, entry);
             match target {
                 Target::Credits { bucket } => {
                     // Buckets are never forgotten here, so the reserved-from bucket exists.
@@ -170,7 +209,14 @@ impl State {
         SettleOutcome::Settled
     }
 
+    /// A grant or reset entry of a credit bucket, now.
+    fn record_credit(&mut self, account_id: &str, kind: UsageKind, bucket: &str, amount: u64) {
+        let entry = UsageEntry::credit_change(kind, bucket, amount, SystemClock.now_ms());
+        self.record(account_id, entry);
+    }
+
     fn hold(&mut self, account_id: &str, reservation_id: &str, held: Held) {
+        self.record(account_id, held.charge.clone());
         self.reservations_since_prune += 1;
         if self.reservations_since_prune >= PRUNE_EVERY {
             self.reservations_since_prune = 0;
@@ -248,17 +294,19 @@ impl Ledger for MemoryLedger {
                 CreditChange::Grant { bucket, amount } => {
                     let balance = state.balance_entry(&expected.id, bucket);
                     *balance = balance.saturating_add(*amount);
+                    state.record_credit(&expected.id, UsageKind::Grant, &bucket.id, *amount);
                 }
                 CreditChange::Reset { bucket, balance } => {
                     state
                         .balances
                         .insert(pair(&expected.id, &bucket.id), *balance);
+                    state.record_credit(&expected.id, UsageKind::Reset, &bucket.id, *balance);
                 }
                 CreditChange::Carry { from, to, add } => {
                     let left = *state.balance_entry(&expected.id, from);
-                    state
-                        .balances
-                        .insert(pair(&expected.id, &to.id), left.saturating_add(*add));
+                    let balance = left.saturating_add(*add);
+                    state.balances.insert(pair(&expected.id, &to.id), balance);
+                    state.record_credit(&expected.id, UsageKind::Reset, &to.id, balance);
                 }
             }
         }
@@ -362,7 +410,9 @@ impl Ledger for MemoryLedger {
         let mut state = self.lock();
         let balance = state.balance_entry(account_id, bucket);
         *balance = balance.saturating_add(amount);
-        Ok(*balance)
+        let balance = *balance;
+        state.record_credit(account_id, UsageKind::Grant, &bucket.id, amount);
+        Ok(balance)
     }
 
     async fn reset_credits(
@@ -371,9 +421,9 @@ impl Ledger for MemoryLedger {
         bucket: &CreditBucket,
         balance: u64,
     ) -> StoreResult<()> {
-        self.lock()
-            .balances
-            .insert(pair(account_id, &bucket.id), balance);
+        let mut state = self.lock();
+        state.balances.insert(pair(account_id, &bucket.id), balance);
+        state.record_credit(account_id, UsageKind::Reset, &bucket.id, balance);
         Ok(())
     }
 
@@ -397,6 +447,13 @@ impl Ledger for MemoryLedger {
                 settled: false,
                 expires: expiry(r.record_ttl_ms),
                 lease_until_ms: r.lease_until_ms,
+                charge: UsageEntry::charge(
+                    &r.reservation_id,
+                    &r.meta,
+                    UsageUnit::Credits,
+                    r.amount,
+                    &r.bucket.id,
+                ),
             },
         );
         Ok(CreditReserveOutcome::Reserved { remaining })
@@ -435,6 +492,13 @@ impl Ledger for MemoryLedger {
                 settled: false,
                 expires: expiry(r.record_ttl_ms),
                 lease_until_ms: r.lease_until_ms,
+                charge: UsageEntry::charge(
+                    &r.reservation_id,
+                    &r.meta,
+                    UsageUnit::Usd,
+                    r.amount_micro,
+                    &r.month,
+                ),
             },
         );
         if let Some(report) = &r.report {
@@ -632,5 +696,30 @@ impl Ledger for MemoryLedger {
             Some(account) => self.account_job(&account, job_id).await,
             None => Ok(None),
         }
+    }
+
+    async fn usage(&self, account_id: &str, query: &UsageQuery) -> StoreResult<UsagePage> {
+        let state = self.lock();
+        let Some(history) = state.usage.get(account_id) else {
+            return Ok(UsagePage::default());
+        };
+        // Newest first from the page's upper bound: the cursor or `to`, whichever is lower.
+        let mut upper = (i64::MAX, String::new());
+        if let Some(to) = query.to_ms {
+            upper = (to, String::new());
+        }
+        if let Some(c) = &query.cursor {
+            upper = upper.min((c.time_ms, c.id.clone()));
+        }
+        let candidates = history
+            .range(..upper)
+            .rev()
+            .map(|(_, e)| e)
+            .take_while(|e| query.from_ms.is_none_or(|f| e.time_ms >= f))
+            .filter(|e| query.admits(e))
+            .take(query.limit.saturating_add(1))
+            .cloned()
+            .collect();
+        Ok(UsagePage::cut(candidates, query.limit))
     }
 }

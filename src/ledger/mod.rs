@@ -12,10 +12,12 @@ mod jobs;
 mod memory;
 mod redis;
 pub mod schema;
+pub mod usage;
 
 pub use self::jobs::{JobHold, JobPayment};
 pub use self::memory::MemoryLedger;
 pub use self::redis::RedisLedger;
+pub use self::usage::{UsageCursor, UsageEntry, UsageKind, UsagePage, UsageQuery, UsageUnit};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -491,4 +493,10 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// A job by its id alone (the backend callback), through the job-id index.
     async fn find_job(&self, job_id: &str) -> StoreResult<Option<JobHold>>;
+
+    /// One page of the account's usage history, newest first: every charge, refund, grant and
+    /// reset, each written in the same atomic step as the money it describes (a refused
+    /// reservation's charge is removed in its compensation), kept for the retention the ledger
+    /// was built with ([`usage`]).
+    async fn usage(&self, account_id: &str, query: &UsageQuery) -> StoreResult<UsagePage>;
 }

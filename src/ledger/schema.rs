@@ -14,6 +14,7 @@
 //! | `cg:{a:<account>}:spend:<yyyymm>` | string (int) | pay-per-use spend of a UTC month, µ$ |
 //! | `cg:{a:<account>}:rsv:<reservation id>` | hash | one reservation ([`rsv_field`]) |
 //! | `cg:{a:<account>}:holds` | zset | reservation ids not yet settled, scored by the end of their lease (UTC ms) |
+//! | `cg:{a:<account>}:usage` | zset | usage history: one member `<id> <json>` per money movement, scored by its time (UTC ms), trimmed to `billing.usage_retention_days` ([`usage`](super::usage)) |
 //! | `cg:lease:<slot>` | set | accounts with a hold whose lease ends in that 10 s slot (the sweeper's work list) |
 //! | `cg:lease:due` | zset | the slots that have a `cg:lease:<slot>` set, scored by slot number |
 //! | `cg:key:<sha256 hex>` | string (JSON) | a [`KeyRecord`] |
@@ -99,6 +100,11 @@ fn tag(account_id: &str) -> String {
     }
     out.push('}');
     out
+}
+
+/// `cg:{a:<account>}:usage`
+pub fn usage(account_id: &str) -> String {
+    format!("cg:{}:usage", tag(account_id))
 }
 
 /// `cg:{a:<account>}:acct`
@@ -224,6 +230,8 @@ pub mod rsv_field {
     /// Net applications of the refund: each application and each undo of a surplus one moves
     /// it with the money in one transaction, so the refund stands exactly once when it is 1.
     pub const REFUND_APPLIED: &str = "refund_applied";
+    /// The charge's usage entry (its stored member), which its refund entry is made from.
+    pub const USAGE: &str = "usage";
     /// The orphan policy the sweeper settled this hold by (`refund` / `keep`), when it did.
     pub const ORPHAN: &str = "orphan";
 }
@@ -268,6 +276,7 @@ mod tests {
             spend("acme", "202605"),
             reservation("acme", "r1"),
             holds("acme"),
+            usage("acme"),
         ];
         for key in &keys {
             assert_eq!(hash_tag(key), "a:acme", "{key}");

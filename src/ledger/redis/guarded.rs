@@ -13,11 +13,12 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError};
 
 use super::records::{change_fields, parse_account};
-use super::{int, seed_bucket_cmd, unavailable, RedisLedger};
+use super::usage::add_cmds;
+use super::{int, now_ms, seed_bucket_cmd, unavailable, RedisLedger};
 use crate::ledger::schema;
 use crate::ledger::{
     Account, AccountChange, CreditBucket, CreditChange, GuardedChange, StoreError, StoreResult,
-    SubscriptionEvent,
+    SubscriptionEvent, UsageEntry, UsageKind,
 };
 
 impl RedisLedger {
@@ -77,6 +78,7 @@ impl RedisLedger {
             left.push(self.query(&mut conn, redis::cmd("GET").arg(bal)).await?);
         }
         let mut left = left.into_iter();
+        let keep_ms = self.usage_keep_ms;
         let mut p = redis::pipe();
         p.atomic();
         let fields = change_fields(change);
@@ -102,16 +104,35 @@ impl RedisLedger {
                     let bal = schema::balance(&expected.id, &bucket.id);
                     p.add_command(seed_bucket_cmd(&bal, bucket)).ignore();
                     p.cmd("INCRBY").arg(&bal).arg(int(*amount)).ignore();
+                    record(
+                        &mut p,
+                        &expected.id,
+                        UsageKind::Grant,
+                        bucket,
+                        *amount,
+                        keep_ms,
+                    );
                 }
                 CreditChange::Reset { bucket, balance } => {
                     set_balance(&mut p, &expected.id, bucket, int(*balance));
+                    record(
+                        &mut p,
+                        &expected.id,
+                        UsageKind::Reset,
+                        bucket,
+                        *balance,
+                        keep_ms,
+                    );
                 }
                 CreditChange::Carry { from, to, add } => {
                     let had = match left.next().flatten() {
                         Some(value) => value.max(0),
                         None => int(from.allowance),
                     };
-                    set_balance(&mut p, &expected.id, to, had.saturating_add(int(*add)));
+                    let balance = had.saturating_add(int(*add));
+                    set_balance(&mut p, &expected.id, to, balance);
+                    let balance = u64::try_from(balance).unwrap_or(0);
+                    record(&mut p, &expected.id, UsageKind::Reset, to, balance, keep_ms);
                 }
             }
         }
@@ -139,6 +160,21 @@ impl RedisLedger {
             Ok(result) => result.map_err(unavailable),
             Err(_) => Err(StoreError::Timeout),
         }
+    }
+}
+
+/// The usage entry of a credit write, into the same transaction.
+fn record(
+    p: &mut redis::Pipeline,
+    account_id: &str,
+    kind: UsageKind,
+    bucket: &CreditBucket,
+    amount: u64,
+    keep_ms: i64,
+) {
+    let entry = UsageEntry::credit_change(kind, &bucket.id, amount, now_ms());
+    for c in add_cmds(account_id, &entry, keep_ms) {
+        p.add_command(c).ignore();
     }
 }
 

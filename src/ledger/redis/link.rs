@@ -21,6 +21,8 @@ pub(super) struct Link {
     pub(super) repairs: Arc<Semaphore>,
     /// Transactions waiting for this connection's next coalesced `MULTI/EXEC`.
     pub(super) waiting: Arc<Mutex<Vec<Waiting>>>,
+    /// How long usage history is kept (ms): `billing.usage_retention_days`.
+    pub(super) usage_keep_ms: i64,
 }
 
 /// One caller's transaction in a coalesced `MULTI/EXEC`: its commands and where its replies go.

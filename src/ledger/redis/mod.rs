@@ -49,6 +49,9 @@
 //!   The claimer — or a retry by the same settler, or the sweeper once the claim is stale —
 //!   gives the clamped refund back: `MULTI { INCRBY bal r | DECRBY spend r; HINCRBY rsv
 //!   refund_applied ±1; HSET rsv refunded r; ZREM holds rid }`, converging to one application.
+//! - usage history ([`usage`]): the reservations, their compensations, refunds, grants and resets
+//!   each carry their entry's `ZREMRANGEBYSCORE; ZADD; PEXPIRE cg:{a:<id>}:usage` (or `ZREM`)
+//!   in their own transaction; no step gains a round trip (`reset_credits` becomes a `MULTI`).
 //! - accounts: `HSETNX` of every field in one `MULTI` (all or nothing; the signup bucket's
 //!   `SET NX` in the same transaction, deleted again when the account already existed).
 //!   `change_account` (2): `HEXISTS`, then `MULTI { HSET <only the changed fields>; HGETALL }`.
@@ -113,6 +116,7 @@ mod records;
 mod repair;
 mod settlement;
 mod sweep;
+mod usage;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -129,13 +133,14 @@ use self::records::{
 };
 use self::repair::{Adjust, Fix, MAX_PENDING_REPAIRS};
 use self::settlement::{Settler, Unlist};
+use self::usage::{add_cmds, UsageWrite};
 use super::schema::{self, account_field as af, outbox_field as of, rsv_field as rf};
 use super::JobHold;
 use super::{
     Account, AccountChange, CreditBucket, CreditChange, CreditReservation, CreditReserveOutcome,
     GuardedChange, IdempotencyClaim, KeyRecord, KeySlotClaim, Ledger, OrphanPolicy, SettleOutcome,
     SpendReservation, SpendReserveOutcome, StoreError, StoreResult, StripeEventClaim,
-    SubscriptionEvent, SweepReport,
+    SubscriptionEvent, SweepReport, UsageEntry, UsageKind, UsagePage, UsageQuery, UsageUnit,
 };
 use crate::apikey::random_id;
 use crate::clock::{Clock, SystemClock};
@@ -146,6 +151,7 @@ pub struct RedisLedger {
     command_timeout: Duration,
     link: OnceCell<Link>,
     repairs: Arc<Semaphore>,
+    usage_keep_ms: i64,
 }
 
 impl std::fmt::Debug for RedisLedger {
@@ -168,7 +174,14 @@ impl RedisLedger {
             command_timeout,
             link: OnceCell::new(),
             repairs: Arc::new(Semaphore::new(MAX_PENDING_REPAIRS)),
+            usage_keep_ms: retention_ms(super::usage::DEFAULT_RETENTION_DAYS),
         })
+    }
+
+    /// Keeps usage history for `days` (`billing.usage_retention_days`) instead of the default.
+    pub fn with_usage_retention_days(mut self, days: u64) -> Self {
+        self.usage_keep_ms = retention_ms(days);
+        self
     }
 
     /// `appendonly` and `maxmemory-policy` as the server reports them (`CONFIG GET`), for the
@@ -213,6 +226,7 @@ impl RedisLedger {
                     timeout: self.command_timeout,
                     repairs: self.repairs.clone(),
                     waiting: Arc::default(),
+                    usage_keep_ms: self.usage_keep_ms,
                 })
             })
             .await?;
@@ -234,6 +248,11 @@ pub(super) fn corrupt(key: &str, detail: impl std::fmt::Display) -> StoreError {
 /// Redis integers are signed; amounts beyond `i64::MAX` saturate (and so never fit a balance).
 pub(super) fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// `days` in ms, saturating.
+fn retention_ms(days: u64) -> i64 {
+    int(days.saturating_mul(24 * 3600 * 1000))
 }
 
 fn non_negative(v: i64) -> u64 {
@@ -590,6 +609,10 @@ impl Ledger for RedisLedger {
         seed_bucket(&mut p, &bal, bucket);
         p.ignore();
         p.cmd("INCRBY").arg(&bal).arg(int(amount));
+        let entry = UsageEntry::credit_change(UsageKind::Grant, &bucket.id, amount, now_ms());
+        for c in add_cmds(account_id, &entry, link.usage_keep_ms) {
+            p.add_command(c).ignore();
+        }
         let (balance,): (i64,) = link.pipe(&p).await?;
         Ok(non_negative(balance))
     }
@@ -607,7 +630,14 @@ impl Ledger for RedisLedger {
         if let Some(exp) = bucket.expires_at_ms {
             cmd.arg("PXAT").arg(exp);
         }
-        let _: Option<String> = link.cmd(&cmd).await?;
+        let mut p = redis::pipe();
+        p.atomic();
+        p.add_command(cmd).ignore();
+        let entry = UsageEntry::credit_change(UsageKind::Reset, &bucket.id, balance, now_ms());
+        for c in add_cmds(account_id, &entry, link.usage_keep_ms) {
+            p.add_command(c).ignore();
+        }
+        let () = link.pipe(&p).await?;
         Ok(())
     }
 
@@ -627,6 +657,15 @@ impl Ledger for RedisLedger {
         if let Some(exp) = r.bucket.expires_at_ms {
             fields.push((rf::BUCKET_EXPIRES_MS, exp.to_string()));
         }
+        let entry = UsageEntry::charge(
+            &r.reservation_id,
+            &r.meta,
+            UsageUnit::Credits,
+            r.amount,
+            &r.bucket.id,
+        );
+        let member = entry.member();
+        fields.push((rf::USAGE, member.clone()));
         let mut cmds = vec![
             seed_bucket_cmd(&bal, &r.bucket),
             command("DECRBY", &bal, amount),
@@ -638,6 +677,7 @@ impl Ledger for RedisLedger {
             &r.reservation_id,
             r.lease_until_ms,
         ));
+        cmds.extend(add_cmds(&r.account_id, &entry, link.usage_keep_ms));
         let answer = link.transact(cmds).await;
         let left = match answer.and_then(|mut replies| reply::<i64>(&mut replies, 1, &bal)) {
             Ok(left) => left,
@@ -663,6 +703,10 @@ impl Ledger for RedisLedger {
             rsv_ttl_ms: Some(schema::VOID_RECORD_TTL_MS),
             xdel: None,
             unlist: Some((schema::holds(&r.account_id), r.reservation_id.clone())),
+            usage: Some(UsageWrite::Remove {
+                account_id: r.account_id.clone(),
+                member,
+            }),
         };
         // Refused either way; a failed compensation is retried in the background.
         let _ = link.fix_or_repair(fix).await;
@@ -689,6 +733,15 @@ impl Ledger for RedisLedger {
             fields.push((rf::CUSTOMER, report.customer_id.clone()));
             fields.push((rf::REPORT_VALUE, report.value.to_string()));
         }
+        let charge = UsageEntry::charge(
+            &r.reservation_id,
+            &r.meta,
+            UsageUnit::Usd,
+            r.amount_micro,
+            &r.month,
+        );
+        let member = charge.member();
+        fields.push((rf::USAGE, member.clone()));
         let mut cmds = vec![
             command("INCRBY", &spend, amount),
             command("PEXPIRE", &spend, schema::SPEND_TTL_MS),
@@ -714,6 +767,7 @@ impl Ledger for RedisLedger {
             &r.reservation_id,
             r.lease_until_ms,
         ));
+        cmds.extend(add_cmds(&r.account_id, &charge, link.usage_keep_ms));
         let reported = r.report.is_some();
         let answer = link.transact(cmds).await.and_then(|mut replies| {
             let spent = reply::<i64>(&mut replies, 0, &spend)?;
@@ -746,6 +800,10 @@ impl Ledger for RedisLedger {
             rsv_ttl_ms: Some(schema::VOID_RECORD_TTL_MS),
             xdel: entry,
             unlist: Some((schema::holds(&r.account_id), r.reservation_id.clone())),
+            usage: Some(UsageWrite::Remove {
+                account_id: r.account_id.clone(),
+                member,
+            }),
         };
         let _ = link.fix_or_repair(fix).await;
         Ok(SpendReserveOutcome::LimitReached {
@@ -923,6 +981,10 @@ impl Ledger for RedisLedger {
 
     async fn find_job(&self, job_id: &str) -> StoreResult<Option<JobHold>> {
         self.link().await?.find_job(job_id).await
+    }
+
+    async fn usage(&self, account_id: &str, query: &UsageQuery) -> StoreResult<UsagePage> {
+        self.link().await?.usage_page(account_id, query).await
     }
 }
 

@@ -21,6 +21,7 @@ use redis::Pipeline;
 
 use super::link::Link;
 use super::settlement::{Settler, Unlist};
+use super::usage::UsageWrite;
 use super::{int, schema};
 use crate::ledger::{SettleOutcome, StoreResult};
 
@@ -89,7 +90,9 @@ impl Link {
                 tracing::warn!(rsv = %fix.rsv, marker = fix.marker, count,
                     "ledger fix applied more than once (an attempt landed late); undoing one");
             }
-            let (after,): (i64,) = self.pipe(&fix.pipeline(direction)).await?;
+            let (after,): (i64,) = self
+                .pipe(&fix.pipeline(direction, self.usage_keep_ms))
+                .await?;
             count = after;
         }
         Ok(())
@@ -185,12 +188,14 @@ pub(super) struct Fix {
     /// The hold to take off the account's unsettled list once the step stands:
     /// `(cg:{a:<account>}:holds, reservation id)`.
     pub(super) unlist: Option<(String, String)>,
+    /// The usage entry the step adds (a refund) or removes (a compensated charge).
+    pub(super) usage: Option<UsageWrite>,
 }
 
 impl Fix {
     /// `direction` 1 applies the step, -1 undoes a surplus application. Answers one value: the
     /// marker count after it.
-    fn pipeline(&self, direction: i64) -> Pipeline {
+    fn pipeline(&self, direction: i64, usage_keep_ms: i64) -> Pipeline {
         let mut p = redis::pipe();
         p.atomic();
         let signed = |amount: u64| int(amount).saturating_mul(direction);
@@ -231,6 +236,13 @@ impl Fix {
         }
         if let Some(id) = &self.xdel {
             p.cmd("XDEL").arg(schema::OUTBOX).arg(id).ignore();
+        }
+        // Only with an application: an undo leaves the counter at 1 or more (the step still
+        // stands once), and the refund's member is the same on every application.
+        if let Some(usage) = &self.usage {
+            for c in usage.cmds(usage_keep_ms) {
+                p.add_command(c).ignore();
+            }
         }
         p
     }

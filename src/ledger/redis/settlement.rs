@@ -6,10 +6,11 @@
 
 use super::link::Link;
 use super::repair::{Adjust, Fix};
+use super::usage::UsageWrite;
 use super::{command, corrupt, int, now_ms, reply, schema};
 use crate::failpoint;
 use crate::ledger::schema::rsv_field as rf;
-use crate::ledger::{SettleOutcome, StoreResult};
+use crate::ledger::{SettleOutcome, StoreResult, UsageEntry};
 
 /// When a settled hold leaves its account's unsettled list (`cg:{a:<id>}:holds`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +73,7 @@ impl Link {
                     rf::REFUND_APPLIED,
                     rf::SETTLER,
                     rf::SETTLED,
+                    rf::USAGE,
                 ],
             ),
         ];
@@ -147,6 +149,15 @@ impl Link {
             },
             other => return Err(corrupt(&rsv, format!("unknown kind {other}"))),
         };
+        // Deterministic: every applier of this refund writes the same member (module doc of
+        // `ledger::usage`). A record from before usage history has no charge entry to copy.
+        let settled_ms = number(8, rf::SETTLED)?.unwrap_or(0);
+        let usage = field(9)
+            .and_then(|m| UsageEntry::parse_member(&m))
+            .map(|charge| UsageWrite::Add {
+                account_id: account_id.to_string(),
+                entry: charge.refund_of(owed, settled_ms),
+            });
         let fix = Fix {
             rsv,
             marker: rf::REFUND_APPLIED,
@@ -155,6 +166,7 @@ impl Link {
             rsv_ttl_ms: None,
             xdel: None,
             unlist: Some((holds, reservation_id.to_string())),
+            usage,
         };
         self.converge_or_repair(fix, applied).await?;
         Ok((outcome, !mine))
