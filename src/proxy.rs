@@ -43,6 +43,8 @@ pub struct RequestCtx {
     error_code: Option<&'static str>,
     /// The response as the client got it, kept when an `Idempotency-Key` will replay it.
     replay: Option<Capture>,
+    /// The settlement written before the response went out (an upstream success).
+    settled: Option<Settlement>,
 }
 
 impl RequestCtx {
@@ -96,6 +98,7 @@ impl ProxyHttp for CreditGateProxy {
             status: 0,
             error_code: None,
             replay: None,
+            settled: None,
         }
     }
 
@@ -194,7 +197,23 @@ impl ProxyHttp for CreditGateProxy {
             return Ok(());
         };
         if let Some(reservation) = forward.reservation.as_ref() {
-            let settlement = settle::decide(reservation, ctx.outcome());
+            let outcome = ctx.outcome();
+            let settlement = match outcome {
+                // Settled before the client can have the result: a crash after this answer
+                // must not leave a hold the sweeper takes for an orphan.
+                UpstreamOutcome::Succeeded { .. } => {
+                    let s = settle::finish_before_reply(
+                        &self.gw.ledger,
+                        reservation,
+                        outcome,
+                        &ctx.request_id,
+                    )
+                    .await;
+                    ctx.settled = Some(s);
+                    s
+                }
+                UpstreamOutcome::Failed => settle::decide(reservation, outcome),
+            };
             for (name, value) in headers::billing_headers(reservation, settlement) {
                 response.insert_header(name, value)?;
             }
@@ -258,9 +277,13 @@ impl ProxyHttp for CreditGateProxy {
                 ctx.started.elapsed().as_secs_f64(),
             );
             if let Some(reservation) = forward.reservation.as_ref() {
-                settled = Some(
-                    settle::finish(&self.gw.ledger, reservation, outcome, &ctx.request_id).await,
-                );
+                settled = match ctx.settled {
+                    Some(s) => Some(s),
+                    None => Some(
+                        settle::finish(&self.gw.ledger, reservation, outcome, &ctx.request_id)
+                            .await,
+                    ),
+                };
             }
             if let Some(ticket) = forward.idempotency.as_ref() {
                 let delivered = ctx

@@ -3,7 +3,8 @@
 //! connect failure, timeout, no upstream answer — refunds it. A reservation settles exactly once
 //! (the ledger guards it); a kept charge's mark is written off the response's critical path.
 //! [`finish`] is the whole step as the proxy calls it: decide, write (timed, retried, logged),
-//! count. A hold whose settlement never lands (the gateway died) is settled by the sweeper.
+//! count; an upstream success is settled by [`finish_before_reply`] before the client gets its
+//! answer. A hold whose settlement never lands (the gateway died) is settled by the sweeper.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -125,6 +126,42 @@ pub async fn finish(
         tokio::spawn(async move { write_logged(ledger.as_ref(), &held, s, &request_id).await });
     } else {
         write_logged(ledger.as_ref(), reservation, s, request_id).await;
+    }
+    record(reservation, s);
+    s
+}
+
+/// Settles an upstream success before its response goes to the client (called from the
+/// response filter): once the client can have its result, the hold is no orphan, so a crash
+/// right after the answer cannot make the sweeper refund a delivered result. One attempt, so
+/// a store outage does not hold the response past one command timeout; a failed attempt goes
+/// on in the background with [`settle`]'s retries (same settler, so exactly once).
+pub async fn finish_before_reply(
+    ledger: &Arc<dyn Ledger>,
+    reservation: &Reservation,
+    outcome: UpstreamOutcome,
+    request_id: &str,
+) -> Settlement {
+    let s = decide(reservation, outcome);
+    let started = Instant::now();
+    let first = ledger
+        .settle_as(
+            &reservation.account_id,
+            &reservation.id,
+            s.refunded,
+            "request",
+        )
+        .await;
+    metrics::observe(
+        &metrics::STORE_LATENCY,
+        &["settle"],
+        started.elapsed().as_secs_f64(),
+    );
+    if first.is_err() {
+        let ledger = ledger.clone();
+        let held = reservation.clone();
+        let request_id = request_id.to_string();
+        tokio::spawn(async move { write_logged(ledger.as_ref(), &held, s, &request_id).await });
     }
     record(reservation, s);
     s

@@ -99,18 +99,25 @@ enum Outcome {
 }
 
 /// Sends `request` and reads until the server closes; never panics on a broken connection.
+/// A whole response followed by a reset (a killed process) still counts as answered.
 async fn exchange(addr: SocketAddr, request: Vec<u8>) -> Outcome {
+    let mut buf = Vec::new();
     let attempt = async {
         let mut stream = TcpStream::connect(addr).await?;
         stream.write_all(&request).await?;
-        let mut buf = Vec::new();
-        stream.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match stream.read(&mut chunk).await? {
+                0 => return Ok::<_, std::io::Error>(()),
+                n => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
     };
-    match tokio::time::timeout(Duration::from_secs(60), attempt).await {
+    let ended = tokio::time::timeout(Duration::from_secs(60), attempt).await;
+    match ended {
         Err(_) => Outcome::CutShort("no answer within 60 s".into()),
-        Ok(Err(e)) => Outcome::CutShort(e.to_string()),
-        Ok(Ok(buf)) => {
+        Ok(Err(e)) if buf.is_empty() => Outcome::CutShort(e.to_string()),
+        Ok(_) => {
             if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
                 return Outcome::CutShort(format!("{} bytes, no whole head", buf.len()));
             }
@@ -630,6 +637,127 @@ async fn kill9_pay_per_use_refund_policy_gives_spend_back_and_never_reports_orph
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_pay_per_use_keep_policy_keeps_spend_and_reports_each_orphan_once() {
     kill9_pay_per_use(Policy::Keep).await;
+}
+
+/// kill -9 while answers are going out (no upstream delay: requests finish all the time): a
+/// 2xx the client got is never refunded by the sweeper, and an orphan is never a request whose
+/// 2xx the client got. (Before the success was settled ahead of its answer, the "settled" mark
+/// was written after it, and the sweeper refunded up to 8 of 23 delivered results.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_right_after_answers_never_refunds_a_delivered_result() {
+    let redis = RedisServer::start();
+    let backend = DemoBackend::start("127.0.0.1:0").await.unwrap();
+    let opts = || options(&redis, &backend, Policy::Refund, "");
+    let mut gw = GatewayProcess::start_with(opts()).await;
+    gw.create_account("b", "business", false).await;
+    let key = gw.create_key("b").await;
+    let mut conn = store(&redis).await;
+    let body = json!({"model": "nano-banana-pro"});
+    let (answered, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    const SENT: u64 = 60;
+    let tasks: Vec<_> = (0..SENT)
+        .map(|i| {
+            let req = relight(gw.proxy, &key, &body);
+            let addr = gw.proxy;
+            let answered = answered.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(i)).await;
+                let o = exchange(addr, req).await;
+                if matches!(&o, Outcome::Answered(r) if r.status == 200) {
+                    let _ = answered.send(());
+                }
+                o
+            })
+        })
+        .collect();
+    // Killed mid-stream: some answered, some on their way out, some held.
+    for _ in 0..20 {
+        answers.recv().await.expect("an answer");
+    }
+    gw.signal("KILL");
+    assert!(
+        gw.wait_exit(Duration::from_secs(10)),
+        "kill -9 did not end it"
+    );
+    let mut delivered = HashSet::new();
+    for t in tasks {
+        match t.await.expect("request task") {
+            Outcome::Answered(r) if r.status == 200 => {
+                delivered.insert(r.header("X-Request-Id").expect("X-Request-Id").to_string());
+            }
+            Outcome::Answered(r) => panic!("unexpected {}: {}", r.status, r.text()),
+            Outcome::CutShort(_) => {}
+        }
+    }
+    let charge_of: HashMap<String, String> = backend
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r.header("X-Request-Id")?.to_string(),
+                r.header("X-Creditgate-Charge-Id")?.to_string(),
+            ))
+        })
+        .collect();
+    let delivered_charges: HashSet<String> = delivered
+        .iter()
+        .map(|rid| {
+            charge_of
+                .get(rid)
+                .expect("a delivered request reached the backend")
+                .clone()
+        })
+        .collect();
+
+    let restarted = GatewayProcess::start_with(opts()).await;
+    wait_until("every hold settled", SETTLE_DEADLINE, || {
+        let mut c = conn.clone();
+        async move { unsettled(&mut c, "b").await == 0 }
+    })
+    .await;
+    wait_sweeps(&restarted, 3).await;
+    let recs = records(&mut conn, "b").await;
+    let orphans: HashSet<String> = recs
+        .iter()
+        .filter(|(_, r)| r.contains_key("orphan"))
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_settled_once(&recs, Policy::Refund, &orphans);
+    let mut kept = 0;
+    let mut kept_undelivered = 0;
+    let mut refunded_delivered = Vec::new();
+    for (id, r) in &recs {
+        let amount: u64 = r["amount"].parse().expect("amount");
+        let refunded: u64 = r.get("refunded").and_then(|v| v.parse().ok()).unwrap_or(0);
+        kept += amount - refunded;
+        if delivered_charges.contains(id) {
+            if orphans.contains(id) || refunded > 0 {
+                refunded_delivered.push(r.clone());
+            }
+        } else if amount > refunded {
+            // Settled as a success just as the gateway died: its answer was on its way out.
+            kept_undelivered += 1;
+        }
+    }
+    assert!(
+        refunded_delivered.is_empty(),
+        "{} of {} delivered results refunded (taken for orphans): {refunded_delivered:?}",
+        refunded_delivered.len(),
+        delivered.len()
+    );
+    let balance = restarted.balance(&key).await;
+    assert_eq!(balance + kept, BUSINESS_CREDITS, "balance + kept");
+    assert_eq!(
+        metric(&restarted, &orphans_series(Policy::Refund)).await,
+        orphans.len() as u64
+    );
+    println!(
+        "kill -9 amid answers: {} delivered (kept), {kept_undelivered} kept but cut short in \
+         transit, {} orphans refunded, {} holds; balance {balance}",
+        delivered.len(),
+        orphans.len(),
+        recs.len()
+    );
 }
 
 // ---- 2. kill -9 between claim and refund -------------------------------------------------
