@@ -74,12 +74,23 @@ pub fn decide(reservation: &Reservation, outcome: UpstreamOutcome) -> Settlement
     }
 }
 
-/// Applies the settlement. Store errors are retried a few times with backoff; the caller logs
-/// what still failed (the reservation then stands as a charge: the gateway never refunds twice).
+/// Attempts of a settlement the request awaits (backoff from 20 ms: ~0.3 s in all).
+pub const INLINE_ATTEMPTS: u32 = 5;
+/// Attempts of a settlement written in the background (a kept charge, or one whose first
+/// attempt failed): backoff doubling to at most 2 s, ~30 s in all, so a store outage shorter
+/// than that does not leave a hold the sweeper would take for an orphan after its lease
+/// (and, by the refund policy, give back a result the client received).
+pub const BACKGROUND_ATTEMPTS: u32 = 20;
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Applies the settlement. Store errors are retried up to `attempts` times in all with
+/// backoff; the caller logs what still failed (the sweeper then settles the hold by the orphan
+/// policy after its lease: never twice).
 pub async fn settle(
     ledger: &dyn Ledger,
     reservation: &Reservation,
     settlement: Settlement,
+    attempts: u32,
 ) -> Result<SettleOutcome, StoreError> {
     // A kept charge is marked settled too: the sweeper would otherwise take its hold for an
     // orphan once the lease ends, and the Stripe reporter waits for the mark.
@@ -97,11 +108,11 @@ pub async fn settle(
             .await
         {
             Ok(outcome) => return Ok(outcome),
-            Err(e) if attempt >= 4 => return Err(e),
+            Err(e) if attempt + 1 >= attempts => return Err(e),
             Err(_) => {
                 attempt += 1;
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                delay = (delay * 2).min(MAX_BACKOFF);
             }
         }
     }
@@ -123,9 +134,11 @@ pub async fn finish(
         let ledger = ledger.clone();
         let held = reservation.clone();
         let request_id = request_id.to_string();
-        tokio::spawn(async move { write_logged(ledger.as_ref(), &held, s, &request_id).await });
+        tokio::spawn(async move {
+            write_logged(ledger.as_ref(), &held, s, &request_id, BACKGROUND_ATTEMPTS).await
+        });
     } else {
-        write_logged(ledger.as_ref(), reservation, s, request_id).await;
+        write_logged(ledger.as_ref(), reservation, s, request_id, INLINE_ATTEMPTS).await;
     }
     record(reservation, s);
     s
@@ -161,7 +174,9 @@ pub async fn finish_before_reply(
         let ledger = ledger.clone();
         let held = reservation.clone();
         let request_id = request_id.to_string();
-        tokio::spawn(async move { write_logged(ledger.as_ref(), &held, s, &request_id).await });
+        tokio::spawn(async move {
+            write_logged(ledger.as_ref(), &held, s, &request_id, BACKGROUND_ATTEMPTS).await
+        });
     }
     record(reservation, s);
     s
@@ -173,9 +188,10 @@ async fn write_logged(
     reservation: &Reservation,
     s: Settlement,
     request_id: &str,
+    attempts: u32,
 ) {
     let started = Instant::now();
-    let settled = settle(ledger, reservation, s).await;
+    let settled = settle(ledger, reservation, s, attempts).await;
     metrics::observe(
         &metrics::STORE_LATENCY,
         &["settle"],
@@ -187,7 +203,7 @@ async fn write_logged(
             request_id = %request_id,
             reservation = %reservation.id,
             error = %err,
-            "settlement failed; the reservation stands as a charge"
+            "settlement failed; the sweeper settles the hold by the orphan policy after its lease"
         );
     }
 }

@@ -948,6 +948,56 @@ async fn redis_sigstop_under_50_requests_leaves_an_exact_balance() {
     );
 }
 
+/// Redis down (stopped, not frozen: commands fail at once) while 10 answered requests settle,
+/// for longer than a settlement's retries, then back with its data: the sweeper must not
+/// refund the results the clients got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_while_answers_settle_never_refunds_a_delivered_result() {
+    let mut redis = RedisServer::start();
+    let backend = DemoBackend::start("127.0.0.1:0").await.unwrap();
+    let gw = GatewayProcess::start_with(options(&redis, &backend, Policy::Refund, "")).await;
+    gw.create_account("b", "business", false).await;
+    let key = gw.create_key("b").await;
+    let body = json!({"model": "nano-banana-pro"});
+    backend.set_behaviour(Behaviour {
+        delay: Duration::from_millis(500),
+        ..Behaviour::default()
+    });
+    const N: usize = 10;
+    let tasks = spawn_relights(gw.proxy, &key, &body, N);
+    wait_backend(&backend, N).await;
+    redis.stop();
+    let t = tally(tasks).await;
+    println!("answers while Redis is down: {t:?}");
+    // Longer than a settlement's own retries.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.start_again();
+    let mut conn = store(&redis).await;
+    wait_until("every hold settled", SETTLE_DEADLINE, || {
+        let mut c = conn.clone();
+        async move { unsettled(&mut c, "b").await == 0 }
+    })
+    .await;
+    wait_sweeps(&gw, 3).await;
+    let orphans = metric(&gw, &orphans_series(Policy::Refund)).await;
+    let balance = gw.balance(&key).await;
+    println!(
+        "Redis down while {N} answers settle: {} × 200 delivered, {orphans} refunded as orphans, \
+         balance {balance}",
+        t.statuses.get(&200).copied().unwrap_or(0)
+    );
+    assert_settled_once(
+        &records(&mut conn, "b").await,
+        Policy::Refund,
+        &HashSet::new(),
+    );
+    assert_eq!(
+        balance + t.kept_credits,
+        BUSINESS_CREDITS,
+        "orphans {orphans}"
+    );
+}
+
 // ---- 4. SIGTERM with the sweeper present -------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
