@@ -18,8 +18,9 @@
 //!          ─► proxy::upstream_peer                no I/O, no billing (it runs again on retries)
 //!          ─► headers::prepare_upstream_request   key stripped, spoofed gateway headers removed
 //!          ─► backend
-//!          ◄─ proxy::response_filter              X-Credits-* / X-Charge-* headers
-//!          ◄─ proxy::logging → settle::settle     2xx keeps, anything else refunds, once
+//!          ◄─ proxy::response_filter              a 2xx settled (kept) before it goes out;
+//!                                                 X-Credits-* / X-Charge-* headers
+//!          ◄─ proxy::logging → settle::finish     anything else refunds, once
 //! ```
 //!
 //! Beside it: `admin_api` (accounts, keys, grants, catalog), `live_catalog` (hot reload),

@@ -1,7 +1,8 @@
 //! Money under real faults (issue 11, item 1 "Must show"): the real binary, a real redis-server
 //! and the recording backend, with real signals — `kill -9` of the gateway with billed requests
 //! in flight, `kill -9` between a settlement's claim and its refund (the `settle_after_claim`
-//! failpoint), `SIGSTOP`/`SIGCONT` of Redis under load, and `SIGTERM` with the sweeper present.
+//! failpoint), `kill -9` while answers are going out, `SIGSTOP`/`SIGCONT` of Redis under load,
+//! Redis stopped while answered requests settle, and `SIGTERM` with the sweeper present.
 //! Every test checks conservation: balance + kept charges == granted (pay-per-use: month spend
 //! == kept µ$), and that each hold is settled exactly once (leases and the sweeper).
 //!
