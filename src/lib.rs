@@ -31,7 +31,8 @@
 //!          ─► headers::prepare_upstream_request   key stripped, spoofed gateway headers removed
 //!          ─► backend
 //!          ◄─ proxy::upstream_response_filter     settle::UpstreamOutcome::from_response
-//!          ◄─ proxy::response_filter              headers::billing_headers (a job route's 2xx:
+//!          ◄─ proxy::response_filter              a 2xx settled (kept) before it goes out, then
+//!                                                 headers::billing_headers (a job route's 2xx:
 //!                                                 jobs::held_headers; X-Job-Id recorded here)
 //!          ◄─ proxy::response_body_filter         jobs::Watch reads a job's id / status
 //!          ◄─ proxy::logging → settle::finish     2xx keeps, anything else refunds, once;

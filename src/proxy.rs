@@ -47,6 +47,8 @@ pub struct RequestCtx {
     replay: Option<Capture>,
     /// What a job-creating or job-status exchange's answer says (`jobs`).
     job: Option<jobs::Watch>,
+    /// The settlement written before the response went out (an upstream success).
+    settled: Option<Settlement>,
 }
 
 impl RequestCtx {
@@ -101,6 +103,7 @@ impl ProxyHttp for CreditGateProxy {
             error_code: None,
             replay: None,
             job: None,
+            settled: None,
         }
     }
 
@@ -222,7 +225,23 @@ impl ProxyHttp for CreditGateProxy {
                     response.insert_header(name, value)?;
                 }
             } else {
-                let settlement = settle::decide(reservation, ctx.outcome());
+                let outcome = ctx.outcome();
+                let settlement = match outcome {
+                    // Settled before the client can have the result: a crash after this answer
+                    // must not leave a hold the sweeper takes for an orphan.
+                    UpstreamOutcome::Succeeded { .. } => {
+                        let s = settle::finish_before_reply(
+                            &self.gw.ledger,
+                            reservation,
+                            outcome,
+                            &ctx.request_id,
+                        )
+                        .await;
+                        ctx.settled = Some(s);
+                        s
+                    }
+                    UpstreamOutcome::Failed => settle::decide(reservation, outcome),
+                };
                 for (name, value) in headers::billing_headers(reservation, settlement) {
                     response.insert_header(name, value)?;
                 }
@@ -306,7 +325,14 @@ impl ProxyHttp for CreditGateProxy {
                     )
                     .await
                 } else {
-                    settle::finish(&self.gw.ledger, reservation, outcome, &ctx.request_id).await
+                    match ctx.settled {
+                        // Written before the response went out.
+                        Some(s) => s,
+                        None => {
+                            settle::finish(&self.gw.ledger, reservation, outcome, &ctx.request_id)
+                                .await
+                        }
+                    }
                 });
             }
             if forward.job_poll.is_some() {

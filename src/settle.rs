@@ -3,7 +3,8 @@
 //! connect failure, timeout, no upstream answer — refunds it. A reservation settles exactly once
 //! (the ledger guards it); a kept charge's mark is written off the response's critical path.
 //! [`finish`] is the whole step as the proxy calls it: decide, write (timed, retried, logged),
-//! count. A hold whose settlement never lands (the gateway died) is settled by the sweeper.
+//! count; an upstream success is settled by [`finish_before_reply`] before the client gets its
+//! answer. A hold whose settlement never lands (the gateway died) is settled by the sweeper.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,12 +74,23 @@ pub fn decide(reservation: &Reservation, outcome: UpstreamOutcome) -> Settlement
     }
 }
 
-/// Applies the settlement. Store errors are retried a few times with backoff; the caller logs
-/// what still failed (the reservation then stands as a charge: the gateway never refunds twice).
+/// Attempts of a settlement the request awaits (backoff from 20 ms: ~0.3 s in all).
+pub const INLINE_ATTEMPTS: u32 = 5;
+/// Attempts of a settlement written in the background (a kept charge, or one whose first
+/// attempt failed): backoff doubling to at most 2 s, ~30 s in all, so a store outage shorter
+/// than that does not leave a hold the sweeper would take for an orphan after its lease
+/// (and, by the refund policy, give back a result the client received).
+pub const BACKGROUND_ATTEMPTS: u32 = 20;
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Applies the settlement. Store errors are retried up to `attempts` times in all with
+/// backoff; the caller logs what still failed (the sweeper then settles the hold by the orphan
+/// policy after its lease: never twice).
 pub async fn settle(
     ledger: &dyn Ledger,
     reservation: &Reservation,
     settlement: Settlement,
+    attempts: u32,
 ) -> Result<SettleOutcome, StoreError> {
     // A kept charge is marked settled too: the sweeper would otherwise take its hold for an
     // orphan once the lease ends, and the Stripe reporter waits for the mark.
@@ -96,11 +108,11 @@ pub async fn settle(
             .await
         {
             Ok(outcome) => return Ok(outcome),
-            Err(e) if attempt >= 4 => return Err(e),
+            Err(e) if attempt + 1 >= attempts => return Err(e),
             Err(_) => {
                 attempt += 1;
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                delay = (delay * 2).min(MAX_BACKOFF);
             }
         }
     }
@@ -122,9 +134,49 @@ pub async fn finish(
         let ledger = ledger.clone();
         let held = reservation.clone();
         let request_id = request_id.to_string();
-        tokio::spawn(async move { write_logged(ledger.as_ref(), &held, s, &request_id).await });
+        tokio::spawn(async move {
+            write_logged(ledger.as_ref(), &held, s, &request_id, BACKGROUND_ATTEMPTS).await
+        });
     } else {
-        write_logged(ledger.as_ref(), reservation, s, request_id).await;
+        write_logged(ledger.as_ref(), reservation, s, request_id, INLINE_ATTEMPTS).await;
+    }
+    record(reservation, s);
+    s
+}
+
+/// Settles an upstream success before its response goes to the client (called from the
+/// response filter): once the client can have its result, the hold is no orphan, so a crash
+/// right after the answer cannot make the sweeper refund a delivered result. One attempt, so
+/// a store outage does not hold the response past one command timeout; a failed attempt goes
+/// on in the background with [`settle`]'s retries (same settler, so exactly once).
+pub async fn finish_before_reply(
+    ledger: &Arc<dyn Ledger>,
+    reservation: &Reservation,
+    outcome: UpstreamOutcome,
+    request_id: &str,
+) -> Settlement {
+    let s = decide(reservation, outcome);
+    let started = Instant::now();
+    let first = ledger
+        .settle_as(
+            &reservation.account_id,
+            &reservation.id,
+            s.refunded,
+            "request",
+        )
+        .await;
+    metrics::observe(
+        &metrics::STORE_LATENCY,
+        &["settle"],
+        started.elapsed().as_secs_f64(),
+    );
+    if first.is_err() {
+        let ledger = ledger.clone();
+        let held = reservation.clone();
+        let request_id = request_id.to_string();
+        tokio::spawn(async move {
+            write_logged(ledger.as_ref(), &held, s, &request_id, BACKGROUND_ATTEMPTS).await
+        });
     }
     record(reservation, s);
     s
@@ -136,9 +188,10 @@ async fn write_logged(
     reservation: &Reservation,
     s: Settlement,
     request_id: &str,
+    attempts: u32,
 ) {
     let started = Instant::now();
-    let settled = settle(ledger, reservation, s).await;
+    let settled = settle(ledger, reservation, s, attempts).await;
     metrics::observe(
         &metrics::STORE_LATENCY,
         &["settle"],
@@ -150,7 +203,7 @@ async fn write_logged(
             request_id = %request_id,
             reservation = %reservation.id,
             error = %err,
-            "settlement failed; the reservation stands as a charge"
+            "settlement failed; the sweeper settles the hold by the orphan policy after its lease"
         );
     }
 }

@@ -9,8 +9,10 @@
 //! (`creditgate_orphans_total{policy}`).
 //!
 //! A hold's lease is `upstream.connect_timeout_ms + upstream.read_timeout_ms +
-//! billing.lease_grace_ms` from its reservation, so a hold is settled by the sweeper at most
-//! lease + one interval + 1 s after it was made.
+//! billing.lease_grace_ms` from its reservation. Holds are listed by the 10 s lease slot their
+//! lease ends in, and a slot is swept 1 s after it ends, so an orphan is settled at most
+//! lease + 10 s + 1 s + one interval after it was made; a refund claimed by a settler that
+//! died is finished once the claim is 30 s old (and the lease is over).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -75,7 +75,8 @@ impl Link {
     }
 
     /// Settles the account's holds whose lease ended before `horizon`; `false` when some were
-    /// left for the next sweep (more than `limit`).
+    /// left for the next sweep (more than `limit`, or a claimed refund not stale yet), so the
+    /// slot that lists the account is kept for that sweep.
     async fn sweep_account(
         &self,
         account_id: &str,
@@ -97,6 +98,7 @@ impl Link {
                     .arg(take),
             )
             .await?;
+        let mut left_listed = false;
         for rid in &due {
             report.checked += 1;
             let (outcome, finished) = self
@@ -127,13 +129,14 @@ impl Link {
                 && self.refund_pending(account_id, rid).await?
             {
                 // Another settler's claim, not stale yet: left listed for a later sweep.
+                left_listed = true;
                 continue;
             }
             // Nothing more is owed now (a refund that could not be applied returned an error
             // above and stays listed).
             let _: i64 = self.cmd(&command("ZREM", &holds, rid.as_str())).await?;
         }
-        Ok(due.len() < take)
+        Ok(!left_listed && due.len() < take)
     }
 
     /// Whether a claimed refund of the hold is still not applied exactly once.
