@@ -57,6 +57,7 @@ pub mod auth;
 pub mod billing_api;
 pub mod cli;
 pub mod clock;
+pub mod conclude;
 pub mod config;
 pub mod connection;
 pub mod demo_backend;

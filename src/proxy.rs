@@ -1,7 +1,7 @@
 //! Pingora glue: maps the proxy phases onto the steps of `lib.rs`'s request path. No billing
-//! decision is made here — `admit` decides who pays, `settle` decides and writes what a finished
-//! request keeps, `headers` says what the client and the upstream see, `respond` writes — this
-//! file only moves data between them and the session.
+//! decision is made here — `admit` decides who pays, `conclude` (with `settle` and `jobs`) what
+//! an answer keeps and when, `headers` what the client and the upstream see, `respond` writes —
+//! this file only moves data between them and the session.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,16 +15,16 @@ use pingora::{Error, ErrorType, Result};
 
 use crate::admit::{admit, Admission, Forward};
 use crate::apikey::random_id;
+use crate::conclude;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::headers;
 use crate::idempotency::{self, Capture};
 use crate::incoming::{drain_small_body, expects_continue, SessionRequest};
-use crate::jobs;
+use crate::jobs::{self, Watch};
 use crate::logging::RequestLine;
 use crate::metrics;
 use crate::respond::JsonReply;
-use crate::rules::SettleAt;
 use crate::settle::{self, Settlement, UpstreamOutcome};
 
 pub struct CreditGateProxy {
@@ -46,7 +46,7 @@ pub struct RequestCtx {
     /// The response as the client got it, kept when an `Idempotency-Key` will replay it.
     replay: Option<Capture>,
     /// What a job-creating or job-status exchange's answer says (`jobs`).
-    job: Option<jobs::Watch>,
+    job: Option<Watch>,
     /// The settlement written before the response went out (an upstream success).
     settled: Option<Settlement>,
 }
@@ -204,55 +204,13 @@ impl ProxyHttp for CreditGateProxy {
         let Some(forward) = ctx.forward.as_ref() else {
             return Ok(());
         };
-        let accepted_job = forward.settle_at == SettleAt::Job
-            && matches!(ctx.outcome(), UpstreamOutcome::Succeeded { .. });
-        if let Some(reservation) = forward.reservation.as_ref() {
-            if accepted_job {
-                // Held for the job; a job id in the header is recorded before the client (or
-                // the backend's callback) can name it.
-                let header_id = jobs::header_job_id(response);
-                let mut recorded = false;
-                if let Some(id) = header_id.as_deref().filter(|id| jobs::valid_job_id(id)) {
-                    jobs::record(&self.gw, reservation, id, &ctx.request_id).await;
-                    recorded = true;
-                }
-                ctx.job = Some(jobs::Watch::Creating {
-                    body: jobs::BodyCapture::default(),
-                    header_id,
-                    recorded,
-                });
-                for (name, value) in jobs::held_headers(reservation) {
-                    response.insert_header(name, value)?;
-                }
-            } else {
-                let outcome = ctx.outcome();
-                let settlement = match outcome {
-                    // Settled before the client can have the result: a crash after this answer
-                    // must not leave a hold the sweeper takes for an orphan.
-                    UpstreamOutcome::Succeeded { .. } => {
-                        let s = settle::finish_before_reply(
-                            &self.gw.ledger,
-                            reservation,
-                            outcome,
-                            &ctx.request_id,
-                        )
-                        .await;
-                        ctx.settled = Some(s);
-                        s
-                    }
-                    UpstreamOutcome::Failed => settle::decide(reservation, outcome),
-                };
-                for (name, value) in headers::billing_headers(reservation, settlement) {
-                    response.insert_header(name, value)?;
-                }
-            }
+        let answer =
+            conclude::on_answer(&self.gw, forward, ctx.outcome(), response, &ctx.request_id).await;
+        for (name, value) in answer.headers {
+            response.insert_header(name, value)?;
         }
-        if let Some(job) = forward.job_poll.as_ref() {
-            ctx.job = Some(jobs::Watch::Polling {
-                job: Box::new(job.clone()),
-                body: jobs::BodyCapture::default(),
-            });
-        }
+        ctx.settled = answer.settled;
+        ctx.job = answer.job;
         if forward.idempotency.is_some() {
             ctx.replay = Some(Capture::of(response));
         }
@@ -314,30 +272,15 @@ impl ProxyHttp for CreditGateProxy {
                 &[ctx.route.as_str()],
                 ctx.started.elapsed().as_secs_f64(),
             );
-            if let Some(reservation) = forward.reservation.as_ref() {
-                settled = Some(if forward.settle_at == SettleAt::Job {
-                    jobs::conclude_creation(
-                        &self.gw,
-                        reservation,
-                        outcome,
-                        ctx.job.as_ref(),
-                        &ctx.request_id,
-                    )
-                    .await
-                } else {
-                    match ctx.settled {
-                        // Written before the response went out.
-                        Some(s) => s,
-                        None => {
-                            settle::finish(&self.gw.ledger, reservation, outcome, &ctx.request_id)
-                                .await
-                        }
-                    }
-                });
-            }
-            if forward.job_poll.is_some() {
-                jobs::conclude_poll(&self.gw, outcome, ctx.job.as_ref(), &ctx.request_id).await;
-            }
+            settled = conclude::on_end(
+                &self.gw,
+                forward,
+                outcome,
+                ctx.settled,
+                ctx.job.as_ref(),
+                &ctx.request_id,
+            )
+            .await;
             if let Some(ticket) = forward.idempotency.as_ref() {
                 let delivered = ctx
                     .replay
