@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use pingora::http::RequestHeader;
+
 use crate::auth::{self, Principal};
 use crate::billing_api::{self, BillingEndpoint};
 use crate::entitlement;
@@ -102,6 +104,16 @@ pub async fn admit(
     priced_route(gw, req, &catalog, &route, &method, &path).await
 }
 
+/// The API key's principal (from the key cache), as every endpoint but the webhook needs it.
+async fn authenticate(
+    gw: &Gateway,
+    header: &RequestHeader,
+    catalog: &Catalog,
+    now_ms: i64,
+) -> Result<Arc<Principal>, GatewayError> {
+    auth::authenticate(header, &gw.keys, gw.ledger.as_ref(), catalog, now_ms).await
+}
+
 /// `POST /webhooks/stripe`: authenticated by its signature, answered here.
 async fn stripe_webhook(
     gw: &Gateway,
@@ -120,14 +132,7 @@ async fn billing_endpoint(
     catalog: &Arc<Catalog>,
     endpoint: BillingEndpoint,
 ) -> Result<Admission, GatewayError> {
-    let principal = auth::authenticate(
-        req.header(),
-        &gw.keys,
-        gw.ledger.as_ref(),
-        catalog,
-        gw.now_ms(),
-    )
-    .await?;
+    let principal = authenticate(gw, req.header(), catalog, gw.now_ms()).await?;
     let body = if endpoint == BillingEndpoint::SetSpendingLimit {
         let body = req
             .read_body(MAX_API_BODY_BYTES)
@@ -153,14 +158,7 @@ async fn quote_endpoint(
     req: &mut dyn IncomingRequest,
     catalog: &Arc<Catalog>,
 ) -> Result<Admission, GatewayError> {
-    let principal = auth::authenticate(
-        req.header(),
-        &gw.keys,
-        gw.ledger.as_ref(),
-        catalog,
-        gw.now_ms(),
-    )
-    .await?;
+    let principal = authenticate(gw, req.header(), catalog, gw.now_ms()).await?;
     let body = req.read_body(gw.config.server.max_json_body_bytes).await?;
     let reply = quote_api::answer(gw, &principal, req.header(), catalog, &body).await?;
     Ok(Admission::Reply(reply))
@@ -177,8 +175,7 @@ async fn priced_route(
     path: &rules::CanonicalPath,
 ) -> Result<Admission, GatewayError> {
     let now_ms = gw.now_ms();
-    let principal =
-        auth::authenticate(req.header(), &gw.keys, gw.ledger.as_ref(), catalog, now_ms).await?;
+    let principal = authenticate(gw, req.header(), catalog, now_ms).await?;
 
     gw.rate_limits.check(
         &principal.key_id,
