@@ -4,15 +4,17 @@
 //! is settled, kept, before the client can have the result, so a crash after the answer never
 //! leaves a hold the sweeper takes for an orphan; a failure only says so), and [`on_end`] in
 //! `logging` (a failure refunds, a held job is recorded from the body, a poll of one's own job
-//! settles it at its final state). The decisions are `settle`'s and `jobs`'; this module only
-//! says which applies when.
+//! settles it at its final state), and [`failure_reply`] for an exchange that failed before
+//! any answer. The decisions are `settle`'s and `jobs`'; this module only says which applies when.
 
 use pingora::http::ResponseHeader;
 
 use crate::admit::Forward;
+use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::headers;
 use crate::jobs::{self, Watch};
+use crate::respond::JsonReply;
 use crate::rules::SettleAt;
 use crate::settle::{self, Settlement, UpstreamOutcome};
 
@@ -99,4 +101,17 @@ pub async fn on_end(
         jobs::conclude_poll(gw, outcome, job, request_id).await;
     }
     settlement
+}
+
+/// The error a client gets when its request's upstream exchange failed before any answer was
+/// sent: nothing was delivered, and a billed request says so in its billing headers.
+pub fn failure_reply(forward: Option<&Forward>, error: &GatewayError) -> JsonReply {
+    let mut reply = JsonReply::error(error);
+    if let Some(reservation) = forward.and_then(|f| f.reservation.as_ref()) {
+        let nothing_kept = settle::decide(reservation, UpstreamOutcome::Failed);
+        for (name, value) in headers::billing_headers(reservation, nothing_kept) {
+            reply = reply.with_header(name, value);
+        }
+    }
+    reply
 }

@@ -245,6 +245,18 @@ pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
     }
 }
 
+impl UpstreamConfig {
+    /// The backend as Pingora dials it, with the configured connect and read timeouts.
+    pub fn peer(&self) -> pingora::prelude::HttpPeer {
+        let mut peer =
+            pingora::prelude::HttpPeer::new(self.address.as_str(), self.tls, self.sni.clone());
+        peer.options.connection_timeout =
+            Some(std::time::Duration::from_millis(self.connect_timeout_ms));
+        peer.options.read_timeout = Some(std::time::Duration::from_millis(self.read_timeout_ms));
+        peer
+    }
+}
+
 impl Config {
     /// How long a credit reservation record is kept: nothing reads it after its request is
     /// settled, so it lives for the hold's lease ([`Config::lease_ms`]) plus ten minutes for the

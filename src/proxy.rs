@@ -25,7 +25,7 @@ use crate::jobs::{self, Watch};
 use crate::logging::RequestLine;
 use crate::metrics;
 use crate::respond::JsonReply;
-use crate::settle::{self, Settlement, UpstreamOutcome};
+use crate::settle::{Settlement, UpstreamOutcome};
 
 pub struct CreditGateProxy {
     pub gw: Arc<Gateway>,
@@ -145,12 +145,7 @@ impl ProxyHttp for CreditGateProxy {
         _session: &mut Session,
         _ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let up = &self.gw.config.upstream;
-        let mut peer = HttpPeer::new(up.address.as_str(), up.tls, up.sni.clone());
-        peer.options.connection_timeout =
-            Some(std::time::Duration::from_millis(up.connect_timeout_ms));
-        peer.options.read_timeout = Some(std::time::Duration::from_millis(up.read_timeout_ms));
-        Ok(Box::new(peer))
+        Ok(Box::new(self.gw.config.upstream.peer()))
     }
 
     fn fail_to_connect(
@@ -245,14 +240,7 @@ impl ProxyHttp for CreditGateProxy {
         let mut code = 0;
         if session.response_written().is_none() {
             code = gateway_error.status();
-            let mut reply = JsonReply::error(&gateway_error);
-            if let Some(reservation) = ctx.forward.as_ref().and_then(|f| f.reservation.as_ref()) {
-                // Nothing was delivered: say so on the error as on any billed response.
-                let nothing_kept = settle::decide(reservation, UpstreamOutcome::Failed);
-                for (name, value) in headers::billing_headers(reservation, nothing_kept) {
-                    reply = reply.with_header(name, value);
-                }
-            }
+            let reply = conclude::failure_reply(ctx.forward.as_deref(), &gateway_error);
             if self.write_reply(session, ctx, &reply).await.is_err() {
                 code = 0;
             }
