@@ -82,6 +82,8 @@ pub const INLINE_ATTEMPTS: u32 = 5;
 /// (and, by the refund policy, give back a result the client received).
 pub const BACKGROUND_ATTEMPTS: u32 = 20;
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The settler token of a request's own settlement, in the foreground and in the background.
+const REQUEST_SETTLER: &str = "request";
 
 /// Applies the settlement. Store errors are retried up to `attempts` times in all with
 /// backoff; the caller logs what still failed (the sweeper then settles the hold by the orphan
@@ -103,7 +105,7 @@ pub async fn settle(
                 &reservation.account_id,
                 &reservation.id,
                 settlement.refunded,
-                "request",
+                REQUEST_SETTLER,
             )
             .await
         {
@@ -131,12 +133,7 @@ pub async fn finish(
 ) -> Settlement {
     let s = decide(reservation, outcome);
     if s.refunded == 0 {
-        let ledger = ledger.clone();
-        let held = reservation.clone();
-        let request_id = request_id.to_string();
-        tokio::spawn(async move {
-            write_logged(ledger.as_ref(), &held, s, &request_id, BACKGROUND_ATTEMPTS).await
-        });
+        write_in_background(ledger, reservation, s, request_id);
     } else {
         write_logged(ledger.as_ref(), reservation, s, request_id, INLINE_ATTEMPTS).await;
     }
@@ -157,29 +154,32 @@ pub async fn finish_before_reply(
 ) -> Settlement {
     let s = decide(reservation, outcome);
     let started = Instant::now();
-    let first = ledger
-        .settle_as(
-            &reservation.account_id,
-            &reservation.id,
-            s.refunded,
-            "request",
-        )
-        .await;
+    let first = settle(ledger.as_ref(), reservation, s, 1).await;
     metrics::observe(
         &metrics::STORE_LATENCY,
         &["settle"],
         started.elapsed().as_secs_f64(),
     );
     if first.is_err() {
-        let ledger = ledger.clone();
-        let held = reservation.clone();
-        let request_id = request_id.to_string();
-        tokio::spawn(async move {
-            write_logged(ledger.as_ref(), &held, s, &request_id, BACKGROUND_ATTEMPTS).await
-        });
+        write_in_background(ledger, reservation, s, request_id);
     }
     record(reservation, s);
     s
+}
+
+/// [`write_logged`] with the background's retries, on its own task.
+fn write_in_background(
+    ledger: &Arc<dyn Ledger>,
+    reservation: &Reservation,
+    s: Settlement,
+    request_id: &str,
+) {
+    let ledger = ledger.clone();
+    let held = reservation.clone();
+    let request_id = request_id.to_string();
+    tokio::spawn(async move {
+        write_logged(ledger.as_ref(), &held, s, &request_id, BACKGROUND_ATTEMPTS).await
+    });
 }
 
 /// [`settle`], timed; a failure is logged and counted.
