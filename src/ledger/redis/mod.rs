@@ -817,20 +817,9 @@ impl Ledger for RedisLedger {
         reservation_id: &str,
         refund: u64,
     ) -> StoreResult<SettleOutcome> {
-        // A settlement that gives nothing back is all there is to it: the hold leaves the
-        // unsettled list in the claim's own transaction.
-        let unlist = match refund {
-            0 => Unlist::OnClaim,
-            _ => Unlist::AfterRefund,
-        };
-        self.settle_by(
-            account_id,
-            reservation_id,
-            refund,
-            unlist,
-            &random_id("st_", 12),
-        )
-        .await
+        // A settler of its own: it never finishes another settler's claim.
+        self.settle_as(account_id, reservation_id, refund, &random_id("st_", 12))
+            .await
     }
 
     async fn settle_as(
@@ -840,6 +829,8 @@ impl Ledger for RedisLedger {
         refund: u64,
         settler: &str,
     ) -> StoreResult<SettleOutcome> {
+        // A settlement that gives nothing back is all there is to it: the hold leaves the
+        // unsettled list in the claim's own transaction.
         let unlist = match refund {
             0 => Unlist::OnClaim,
             _ => Unlist::AfterRefund,
