@@ -187,6 +187,17 @@ impl AdminApp {
                     )
                 }
             }
+            // On a Redis Cluster: every slot served (`cluster_state:ok`), or not ready.
+            let problem = match redis.cluster_problem().await {
+                Ok(problem) => problem,
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(problem) = problem {
+                return JsonReply::ok(
+                    503,
+                    &json!({"status": "not_ready", "reason": format!("Redis Cluster not ok: {problem}")}),
+                );
+            }
         }
         match self.gw.ledger.ping().await {
             Ok(()) => JsonReply::ok(

@@ -136,11 +136,11 @@ pub fn usage(
         )]
     })?;
     let ledger = match config.store.backend {
-        config::StoreBackend::Redis => crate::ledger::RedisLedger::new(
-            &config.store.url,
-            std::time::Duration::from_millis(config.store.command_timeout_ms.max(1000)),
-        )
-        .map_err(|e| vec![e.to_string()])?,
+        config::StoreBackend::Redis => {
+            let mut store = config.store.clone();
+            store.command_timeout_ms = store.command_timeout_ms.max(1000);
+            crate::ledger::RedisLedger::from_config(&store).map_err(|e| vec![e.to_string()])?
+        }
         config::StoreBackend::Memory => {
             return Err(vec![
                 "store.backend = \"memory\" keeps usage history inside the serving process only; nothing to export".to_string(),

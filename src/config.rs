@@ -99,6 +99,8 @@ pub struct StoreConfig {
     pub cluster: bool,
     pub command_timeout_ms: u64,
     pub fail_mode: String,
+    /// Replicas that must acknowledge each money transaction (`WAIT`) before it counts; 0: none.
+    pub wait_replicas: u8,
 }
 
 impl Default for StoreConfig {
@@ -109,6 +111,7 @@ impl Default for StoreConfig {
             cluster: false,
             command_timeout_ms: 200,
             fail_mode: "closed".into(),
+            wait_replicas: 0,
         }
     }
 }
@@ -426,28 +429,52 @@ impl Config {
             p.push(("upstream.read_timeout_ms".into(), "must be positive".into()));
         }
         if self.store.backend == StoreBackend::Redis {
-            let url = self.store.url.as_str();
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("redis+unix://")
-                || url.starts_with("unix://"))
-            {
-                p.push((
-                    "store.url".into(),
-                    format!("`{url}` must start with redis:// or redis+unix://"),
-                ));
-            }
-            if url.starts_with("rediss://") {
-                p.push((
-                    "store.url".into(),
-                    "rediss:// (TLS to Redis) is not built in; use a local TLS tunnel (stunnel, a sidecar) and redis://".into(),
-                ));
+            let urls: Vec<&str> = match self.store.cluster {
+                true => self.store.url.split(',').map(str::trim).collect(),
+                false => vec![self.store.url.as_str()],
+            };
+            for url in urls {
+                if self.store.cluster && !url.starts_with("redis://") {
+                    p.push((
+                        "store.url".into(),
+                        format!("`{url}`: with store.cluster = true, store.url is a comma-separated list of redis://host:port seed nodes"),
+                    ));
+                    continue;
+                }
+                if !(url.starts_with("redis://")
+                    || url.starts_with("rediss://")
+                    || url.starts_with("redis+unix://")
+                    || url.starts_with("unix://"))
+                {
+                    p.push((
+                        "store.url".into(),
+                        format!("`{url}` must start with redis:// or redis+unix://"),
+                    ));
+                }
+                if url.starts_with("rediss://") {
+                    p.push((
+                        "store.url".into(),
+                        "rediss:// (TLS to Redis) is not built in; use a local TLS tunnel (stunnel, a sidecar) and redis://".into(),
+                    ));
+                }
             }
         }
-        if self.store.cluster {
+        if self.store.cluster && self.store.backend == StoreBackend::Memory {
             p.push((
                 "store.cluster".into(),
-                "Redis Cluster is not supported yet (keys are hash-tagged for it, the Stripe outbox is not)".into(),
+                "needs store.backend = \"redis\"".into(),
+            ));
+        }
+        if self.store.cluster && self.alerts.enabled {
+            p.push((
+                "alerts.enabled".into(),
+                "low-balance alerts are not available on Redis Cluster yet (store.cluster = true): their outbox is one stream".into(),
+            ));
+        }
+        if self.store.wait_replicas > 16 {
+            p.push((
+                "store.wait_replicas".into(),
+                "must be between 0 and 16".into(),
             ));
         }
         if self.store.command_timeout_ms == 0 || self.store.command_timeout_ms > 60_000 {

@@ -66,12 +66,9 @@ pub fn build_gateway(config: Config, clock: SharedClock) -> Result<Arc<Gateway>,
     let ledger: Arc<dyn Ledger> = match config.store.backend {
         StoreBackend::Redis => {
             let r = Arc::new(
-                RedisLedger::new(
-                    &config.store.url,
-                    Duration::from_millis(config.store.command_timeout_ms),
-                )
-                .map_err(|e| StartError::Store(e.to_string()))?
-                .with_usage_retention_days(config.billing.usage_retention_days),
+                RedisLedger::from_config(&config.store)
+                    .map_err(|e| StartError::Store(e.to_string()))?
+                    .with_usage_retention_days(config.billing.usage_retention_days),
             );
             redis = Some(r.clone());
             r
@@ -222,9 +219,14 @@ fn stripe_reporter(gw: &Gateway) -> Result<Option<StripeReporter>, StartError> {
                 cfg.stripe.secret_key_env
             ))
         })?;
-    StripeReporter::new(&cfg.store.url, &cfg.stripe, &secret, gw.clock.clone())
-        .map(Some)
-        .map_err(|e| StartError::Stripe(e.to_string()))
+    StripeReporter::for_store(
+        crate::ledger::StoreNodes::from_config(&cfg.store),
+        &cfg.stripe,
+        &secret,
+        gw.clock.clone(),
+    )
+    .map(Some)
+    .map_err(|e| StartError::Stripe(e.to_string()))
 }
 
 /// The alert outbox writer, when `[alerts] enabled`; alerts need Redis (the outbox is a stream).

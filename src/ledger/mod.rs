@@ -9,6 +9,7 @@
 //! [`MemoryLedger`] (single process, for trying it out and for tests).
 
 mod jobs;
+pub mod lane;
 mod memory;
 mod redis;
 pub mod schema;
@@ -16,7 +17,7 @@ pub mod usage;
 
 pub use self::jobs::{JobHold, JobPayment};
 pub use self::memory::MemoryLedger;
-pub use self::redis::RedisLedger;
+pub use self::redis::{RedisLedger, StoreConn, StoreNodes};
 pub use self::usage::{UsageCursor, UsageEntry, UsageKind, UsagePage, UsageQuery, UsageUnit};
 
 use async_trait::async_trait;

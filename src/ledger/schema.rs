@@ -15,12 +15,13 @@
 //! | `cg:{a:<account>}:rsv:<reservation id>` | hash | one reservation ([`rsv_field`]) |
 //! | `cg:{a:<account>}:holds` | zset | reservation ids not yet settled, scored by the end of their lease (UTC ms) |
 //! | `cg:{a:<account>}:usage` | zset | usage history: one member `<id> <json>` per money movement, scored by its time (UTC ms), trimmed to `billing.usage_retention_days` ([`usage`](super::usage)) |
-//! | `cg:lease:<slot>` | set | accounts with a hold whose lease ends in that 10 s slot (the sweeper's work list) |
-//! | `cg:lease:due` | zset | the slots that have a `cg:lease:<slot>` set, scored by slot number |
+//! | `<lane>lease:<slot>` | set | accounts with a hold whose lease ends in that 10 s slot (the sweeper's work list); `<lane>` is `cg:` on a single node, `cg:{<lane tag>}:` on a cluster ([`lane`](super::lane)) |
+//! | `<lane>lease:due` | zset | the slots that have a `<lane>lease:<slot>` set, scored by slot number |
+//! | `cg:lanes` | set | on a cluster: the slot numbers of the lanes in use (every account's, added before it is created) |
 //! | `cg:key:<sha256 hex>` | string (JSON) | a [`KeyRecord`] |
 //! | `cg:keyid:<key id>` | string | the SHA-256 hex of that key |
-//! | `cg:outbox` | stream | pay-per-use charges to report to Stripe ([`outbox_field`]) |
-//! | `cg:outbox:dead` | stream | outbox entries Stripe refused for good, with the error |
+//! | `<lane>outbox` | stream | pay-per-use charges to report to Stripe ([`outbox_field`]); `cg:outbox` on a single node |
+//! | `<lane>outbox:dead` | stream | outbox entries Stripe refused for good, with the error |
 //! | `cg:customer:<stripe customer id>` | string | the account id with that Stripe customer (checked against the account on read) |
 //! | `cg:{a:<id>}:idem:<sha256 of key>` | string | an `Idempotency-Key`: the request's fingerprint and, once done, its outcome |
 //! | `cg:stripe:evt:<event id>` | string | a Stripe webhook event: `pending` (lease) or `done` |
@@ -48,7 +49,8 @@ pub fn alert_claim(account_id: &str, period: &str, percent: u8) -> String {
     format!("cg:{}:alert:{period}:{percent}", tag(account_id))
 }
 
-/// The Stripe outbox stream.
+/// The Stripe outbox stream of a single node (on a cluster each lane has its own:
+/// [`Lane::outbox`](super::lane::Lane::outbox)).
 pub const OUTBOX: &str = "cg:outbox";
 /// The consumer group of the Stripe outbox workers.
 pub const OUTBOX_GROUP: &str = "stripe";
@@ -57,8 +59,6 @@ pub const OUTBOX_DEAD: &str = "cg:outbox:dead";
 
 /// Width of one lease slot: holds whose lease ends within the same 10 s share a work list.
 pub const LEASE_SLOT_MS: i64 = 10_000;
-/// The sweeper's index of slots with work.
-pub const LEASE_DUE: &str = "cg:lease:due";
 /// How long the stub of a settlement claim on a reservation not (yet) written is kept: a
 /// reservation transaction that lands late (its answer was lost to a timeout) merges into it and
 /// is then refunded, not charged.
@@ -67,11 +67,6 @@ pub const CLAIM_STUB_TTL_MS: i64 = 24 * 3600 * 1000;
 /// The lease slot of a lease ending at `until_ms`.
 pub fn lease_slot_of(until_ms: i64) -> i64 {
     until_ms.div_euclid(LEASE_SLOT_MS)
-}
-
-/// `cg:lease:<slot>`
-pub fn lease_slot(slot: i64) -> String {
-    format!("cg:lease:{slot}")
 }
 
 /// `cg:{a:<account>}:holds`
@@ -87,7 +82,7 @@ pub const SPEND_TTL_MS: i64 = 40 * 24 * 3600 * 1000;
 pub const VOID_RECORD_TTL_MS: i64 = 10 * 60 * 1000;
 
 /// `{a:<escaped account>}`: the hash tag of one account.
-fn tag(account_id: &str) -> String {
+pub(super) fn tag(account_id: &str) -> String {
     let mut out = String::with_capacity(account_id.len() + 4);
     out.push_str("{a:");
     for c in account_id.chars() {

@@ -10,9 +10,10 @@ use std::collections::HashMap;
 use std::future::Future;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, RedisError};
+use redis::{AsyncConnectionConfig, ErrorKind, RedisError, ServerErrorKind};
 
 use super::records::{change_fields, parse_account};
+use super::retry::did_not_run;
 use super::usage::add_cmds;
 use super::{int, now_ms, seed_bucket_cmd, unavailable, RedisLedger};
 use crate::ledger::schema;
@@ -31,15 +32,6 @@ impl RedisLedger {
         credits: &[CreditChange],
         event: Option<&SubscriptionEvent>,
     ) -> StoreResult<GuardedChange> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.command_timeout))
-            .set_response_timeout(None);
-        let mut conn = self
-            .within(
-                self.client
-                    .get_multiplexed_async_connection_with_config(&config),
-            )
-            .await?;
         let acct = schema::account(&expected.id);
         let subs = schema::subscription_events(&expected.id);
         // The balances a carry reads are watched too: a reservation in between is a conflict.
@@ -50,12 +42,24 @@ impl RedisLedger {
                 _ => None,
             })
             .collect();
-        let () = self
-            .query(
-                &mut conn,
-                redis::cmd("WATCH").arg(&acct).arg(&subs).arg(&carried),
-            )
-            .await?;
+        // The customer index first, a step of its own (another slot on a cluster; lookups check
+        // it against the account, so pointing at the account before the change is harmless).
+        if let Some(customer) = &change.stripe_customer_id {
+            let () = self
+                .link()
+                .await?
+                .cmd(
+                    redis::cmd("SET")
+                        .arg(schema::stripe_customer(customer))
+                        .arg(&expected.id),
+                )
+                .await?;
+        }
+        let mut watch = redis::cmd("WATCH");
+        watch.arg(&acct).arg(&subs).arg(&carried);
+        let Some(mut conn) = self.watching(&watch).await? else {
+            return Ok(GuardedChange::Conflict);
+        };
         let mut read = redis::pipe();
         read.cmd("HGETALL").arg(&acct);
         read.cmd("HGET")
@@ -84,12 +88,6 @@ impl RedisLedger {
         let fields = change_fields(change);
         if !fields.is_empty() {
             p.cmd("HSET").arg(&acct).arg(&fields).ignore();
-        }
-        if let Some(customer) = &change.stripe_customer_id {
-            p.cmd("SET")
-                .arg(schema::stripe_customer(customer))
-                .arg(&expected.id)
-                .ignore();
         }
         if let Some(event) = event {
             p.cmd("HSET")
@@ -137,13 +135,90 @@ impl RedisLedger {
             }
         }
         p.cmd("HGETALL").arg(&acct);
-        // `EXEC` answers nil when a watched key changed: nothing was written.
-        let written: Option<(HashMap<String, String>,)> =
-            self.within(p.query_async(&mut conn)).await?;
+        // `EXEC` answers nil when a watched key changed: nothing was written. A cluster refusal
+        // (the slot moving, its master failing over) also ran nothing: the caller reads again.
+        let written = pingora::time::fast_timeout::fast_timeout(
+            self.command_timeout,
+            p.query_async::<Option<(HashMap<String, String>,)>>(&mut conn),
+        )
+        .await;
+        let written = match written {
+            Ok(Ok(written)) => written,
+            Ok(Err(e)) if did_not_run(&e) => None,
+            Ok(Err(e)) => return Err(unavailable(e)),
+            Err(_) => return Err(StoreError::Timeout),
+        };
+        if written.is_some() {
+            // With `store.wait_replicas`, the change is acknowledged like every money write.
+            self.replicated_on(&mut conn).await?;
+        }
         match written {
             Some((after,)) => Ok(GuardedChange::Applied(parse_account(&acct, after)?)),
             None => Ok(GuardedChange::Conflict),
         }
+    }
+
+    /// A connection of its own to the node that holds the watched keys, with `watch` sent on it:
+    /// the one node, or on a cluster the master of the account's slot (found by following
+    /// `MOVED` from a seed). `None` when the cluster refused for now (a slot moving, a failover).
+    async fn watching(&self, watch: &redis::Cmd) -> StoreResult<Option<MultiplexedConnection>> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.command_timeout))
+            .set_response_timeout(None);
+        let mut candidates: Vec<String> = self.nodes.urls().to_vec();
+        let mut last = StoreError::Unavailable("no store node to connect to".into());
+        let mut hops = 0;
+        while let Some(url) = candidates.first().cloned() {
+            candidates.remove(0);
+            let client = redis::Client::open(url.as_str()).map_err(unavailable)?;
+            let mut conn = match self
+                .within(client.get_multiplexed_async_connection_with_config(&config))
+                .await
+            {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // A seed that is down: the next one may answer.
+                    last = e;
+                    continue;
+                }
+            };
+            let sent = pingora::time::fast_timeout::fast_timeout(
+                self.command_timeout,
+                watch.query_async::<()>(&mut conn),
+            )
+            .await;
+            match sent {
+                Ok(Ok(())) => return Ok(Some(conn)),
+                Ok(Err(e)) if hops < 3 && e.kind() == ErrorKind::Server(ServerErrorKind::Moved) => {
+                    hops += 1;
+                    if let Some((host, port)) = e.redirect_node() {
+                        candidates.insert(0, format!("redis://{host}:{port}"));
+                    }
+                }
+                Ok(Err(e)) if did_not_run(&e) => return Ok(None),
+                Ok(Err(e)) => return Err(unavailable(e)),
+                Err(_) => return Err(StoreError::Timeout),
+            }
+        }
+        Err(last)
+    }
+
+    /// `WAIT store.wait_replicas` on a guarded change's own connection.
+    async fn replicated_on(&self, conn: &mut MultiplexedConnection) -> StoreResult<()> {
+        let n = self.wait_replicas;
+        if n == 0 {
+            return Ok(());
+        }
+        let wait_ms = u64::try_from(self.command_timeout.as_millis()).unwrap_or(u64::MAX);
+        let acked: i64 = self
+            .query(conn, redis::cmd("WAIT").arg(n).arg(wait_ms))
+            .await?;
+        if acked < i64::from(n) {
+            return Err(StoreError::Unavailable(format!(
+                "only {acked} of {n} replicas acknowledged the change (store.wait_replicas)"
+            )));
+        }
+        Ok(())
     }
 
     async fn query<T: redis::FromRedisValue>(

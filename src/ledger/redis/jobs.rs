@@ -1,7 +1,9 @@
 //! The Redis side of async jobs: recording an accepted job's hold and finding it again.
-//! `record_job` is one `MULTI { SET cg:{a}:job:<id> <json> PX keep; ZADD holds XX <lease> <rsv>;
-//! SADD cg:lease:<slot> <account>; ZADD cg:lease:due <slot> <slot>; PEXPIRE rsv keep;
-//! SET cg:job:<id> <account> PX keep }`: the hold moves to the lease slot the job's TTL ends
+//! `record_job` is `SET cg:job:<id> <account> PX keep` (the callback's index, a step of its own
+//! since it is in another slot on a cluster; a lookup checks the job record it leads to), then
+//! one `MULTI { SET cg:{a}:job:<id> <json> PX keep; ZADD holds XX <lease> <rsv>;
+//! SADD <lane>lease:<slot> <account>; ZADD <lane>lease:due <slot> <slot>; PEXPIRE rsv keep }`:
+//! the hold moves to the lease slot the job's TTL ends
 //! in, atomically with the record that lets the job settle it. `ZADD XX` only re-scores a hold
 //! still listed, so a hold settled meanwhile is not revived; the sweeper reads each hold's score
 //! (not the slot it was first listed in), so the hold's old slot passes it by. Exactly-once
@@ -21,6 +23,15 @@ impl Link {
         let key = schema::job(&job.account_id, &job.job_id);
         let json = serde_json::to_string(job).map_err(|e| corrupt(&key, e))?;
         let keep = keep_ms.max(1);
+        let () = self
+            .cmd(
+                redis::cmd("SET")
+                    .arg(schema::job_index(&job.job_id))
+                    .arg(&job.account_id)
+                    .arg("PX")
+                    .arg(keep),
+            )
+            .await?;
         let mut p = redis::pipe();
         p.atomic();
         p.cmd("SET")
@@ -36,7 +47,12 @@ impl Link {
             .arg(lease_until_ms)
             .arg(&job.reservation_id)
             .ignore();
-        let [_, work, due] = lease_cmds(&job.account_id, &job.reservation_id, lease_until_ms);
+        let [_, work, due] = lease_cmds(
+            self.lane(&job.account_id),
+            &job.account_id,
+            &job.reservation_id,
+            lease_until_ms,
+        );
         p.add_command(work).ignore();
         p.add_command(due).ignore();
         p.add_command(command(
@@ -45,13 +61,7 @@ impl Link {
             keep,
         ))
         .ignore();
-        p.cmd("SET")
-            .arg(schema::job_index(&job.job_id))
-            .arg(&job.account_id)
-            .arg("PX")
-            .arg(keep)
-            .ignore();
-        let () = self.pipe(&p).await?;
+        let () = self.tx(&p).await?;
         Ok(())
     }
 

@@ -1,23 +1,29 @@
-//! The ledger's one multiplexed Redis connection and its calls: every round trip timed on
-//! Pingora's timer wheel, and shared transactions ([`Link::transact`]) that send the
-//! transactions concurrent requests start together as one `MULTI/EXEC`.
+//! The ledger's one multiplexed Redis connection (a node's or a cluster's) and its calls: every
+//! round trip timed on Pingora's timer wheel and retried only after an error that proves it did
+//! not run ([`retry`](super::retry)); shared transactions ([`Link::transact`]) that send the
+//! transactions concurrent requests start together as one `MULTI/EXEC` per cluster slot; and,
+//! with `store.wait_replicas = N`, a `WAIT N` after each money transaction.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, Value};
 use tokio::sync::{oneshot, Semaphore};
 
+use super::retry::{self, did_not_run};
+use super::store::StoreConn;
 use super::unavailable;
+use crate::ledger::lane::{key_slot, Lane};
 use crate::ledger::{StoreError, StoreResult};
 
 /// One connection plus the per-call timeout; cheap to clone into background repairs.
 #[derive(Clone)]
 pub(super) struct Link {
-    pub(super) conn: ConnectionManager,
+    pub(super) conn: StoreConn,
     pub(super) timeout: Duration,
+    /// `store.wait_replicas`: replicas that must acknowledge each money transaction (0: none).
+    pub(super) wait_replicas: u8,
     pub(super) repairs: Arc<Semaphore>,
     /// Transactions waiting for this connection's next coalesced `MULTI/EXEC`.
     pub(super) waiting: Arc<Mutex<Vec<Waiting>>>,
@@ -32,25 +38,137 @@ pub(super) struct Waiting {
 }
 
 impl Link {
-    async fn timed<T>(&self, f: impl Future<Output = Result<T, RedisError>>) -> StoreResult<T> {
-        // Pingora's shared 10 ms timer wheel: nothing is registered unless the call is still
-        // pending, and never a wake-up of the runtime's driver per call (as Tokio's timer does).
-        match pingora::time::fast_timeout::fast_timeout(self.timeout, f).await {
-            Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(StoreError::Timeout),
+    /// Whether the store is a Redis Cluster (its work lists are per lane).
+    pub(super) fn cluster(&self) -> bool {
+        self.conn.is_cluster()
+    }
+
+    /// The lane of an account's work lists.
+    pub(super) fn lane(&self, account_id: &str) -> Lane {
+        Lane::of_account(self.cluster(), account_id)
+    }
+
+    /// The lanes in use (see [`StoreConn::lanes`]).
+    pub(super) async fn lanes(&self) -> StoreResult<Vec<Lane>> {
+        self.attempt(|mut conn| async move { conn.lanes().await })
+            .await
+    }
+
+    /// Puts an account's lane on the walkers' list (`SADD cg:lanes <slot>`), on a cluster,
+    /// before anything of the account is written.
+    pub(super) async fn register_lane(&self, account_id: &str) -> StoreResult<()> {
+        let Some(slot) = self.lane(account_id).slot() else {
+            return Ok(());
+        };
+        let _: i64 = self
+            .cmd(redis::cmd("SADD").arg(crate::ledger::lane::LANES).arg(slot))
+            .await?;
+        Ok(())
+    }
+
+    /// How long a caller waits for a call with its retries at most.
+    pub(super) fn patience(&self) -> Duration {
+        self.timeout * retry::ATTEMPTS + Duration::from_millis(200)
+    }
+
+    /// Runs `call` on the connection, each attempt under the command timeout (Pingora's shared
+    /// 10 ms timer wheel: nothing is registered unless the call is still pending, and never a
+    /// wake-up of the runtime's driver per call, as Tokio's timer does), again after an error
+    /// that proves it did not run.
+    async fn attempt<T, F, Fut>(&self, mut call: F) -> StoreResult<T>
+    where
+        F: FnMut(StoreConn) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match pingora::time::fast_timeout::fast_timeout(self.timeout, call(self.conn.clone()))
+                .await
+            {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) if tries < retry::ATTEMPTS && did_not_run(&e) => {
+                    tracing::debug!(error = %e, attempt = tries, "store refused before running; retrying");
+                    tokio::time::sleep(retry::pause(tries)).await;
+                }
+                Ok(Err(e)) => return Err(unavailable(e)),
+                Err(_) => return Err(StoreError::Timeout),
+            }
         }
     }
 
     /// One command, one round trip.
     pub(super) async fn cmd<T: FromRedisValue>(&self, cmd: &Cmd) -> StoreResult<T> {
-        let mut conn = self.conn.clone();
-        self.timed(cmd.query_async(&mut conn)).await
+        self.attempt(|mut conn| async move { cmd.query_async(&mut conn).await })
+            .await
     }
 
-    /// One pipeline (a `MULTI/EXEC` when `atomic()`), one round trip.
+    /// One pipeline (a `MULTI/EXEC` when `atomic()`), one round trip. On a cluster every key of
+    /// it must be in one slot.
     pub(super) async fn pipe<T: FromRedisValue>(&self, p: &Pipeline) -> StoreResult<T> {
+        self.attempt(|mut conn| async move { p.query_async(&mut conn).await })
+            .await
+    }
+
+    /// `GET` of each key, concurrently (the connection pipelines them; on a cluster each goes to
+    /// its slot's node).
+    pub(super) async fn get_each(&self, keys: &[String]) -> StoreResult<Vec<Option<String>>> {
+        let mut calls = tokio::task::JoinSet::new();
+        for (i, key) in keys.iter().enumerate() {
+            let link = self.clone();
+            let key = key.clone();
+            calls.spawn(async move {
+                let value: StoreResult<Option<String>> =
+                    link.cmd(redis::cmd("GET").arg(&key)).await;
+                (i, value)
+            });
+        }
+        let mut values = vec![None; keys.len()];
+        while let Some(done) = calls.join_next().await {
+            let (i, value) =
+                done.map_err(|e| StoreError::Unavailable(format!("key lookup failed: {e}")))?;
+            if let Some(slot) = values.get_mut(i) {
+                *slot = value?;
+            }
+        }
+        Ok(values)
+    }
+
+    /// A money transaction (`p` is `atomic()`): [`Link::pipe`], then acknowledged by
+    /// `store.wait_replicas` replicas when set.
+    pub(super) async fn tx<T: FromRedisValue>(&self, p: &Pipeline) -> StoreResult<T> {
+        let answer = self.pipe(p).await?;
+        let slot = p.cmd_iter().find_map(first_key_slot).unwrap_or_default();
+        self.replicated(slot).await?;
+        Ok(answer)
+    }
+
+    /// With `store.wait_replicas = N`: `WAIT N` on the master of `slot`, an error when fewer
+    /// replicas acknowledged this connection's writes within the command timeout (the write
+    /// stands on the master; the caller treats its outcome as unknown and fails closed).
+    async fn replicated(&self, slot: u16) -> StoreResult<()> {
+        let n = self.wait_replicas;
+        if n == 0 {
+            return Ok(());
+        }
+        let wait_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
         let mut conn = self.conn.clone();
-        self.timed(p.query_async(&mut conn)).await
+        let acked = match pingora::time::fast_timeout::fast_timeout(
+            self.timeout + Duration::from_millis(50),
+            conn.wait_replicas(slot, n, wait_ms),
+        )
+        .await
+        {
+            Ok(Ok(acked)) => acked,
+            Ok(Err(e)) => return Err(unavailable(e)),
+            Err(_) => return Err(StoreError::Timeout),
+        };
+        if acked < i64::from(n) {
+            return Err(StoreError::Unavailable(format!(
+                "only {acked} of {n} replicas acknowledged the write (store.wait_replicas)"
+            )));
+        }
+        Ok(())
     }
 
     /// Runs `cmds` as one transaction and answers their replies, in order. Transactions that
@@ -59,8 +177,8 @@ impl Link {
     /// Redis for all of them. Each caller's commands stay atomic (a bigger transaction is still
     /// one); a command's error reaches only its own caller (errors are kept per reply, as
     /// `MULTI/EXEC` itself does). With nothing else ready the flush runs at once, so an idle
-    /// gateway pays one task hop. Single Redis node only (keys of several accounts share the
-    /// transaction), as the ledger is (`cluster = true` is refused).
+    /// gateway pays one task hop. On a cluster one `MULTI/EXEC` per slot is sent (concurrently),
+    /// since one transaction's keys must share a slot; every caller's commands are of one account.
     pub(super) async fn transact(&self, cmds: Vec<Cmd>) -> StoreResult<Vec<Value>> {
         let (reply, answer) = oneshot::channel();
         let first = {
@@ -79,7 +197,7 @@ impl Link {
                 link.flush().await;
             });
         }
-        match pingora::time::fast_timeout::fast_timeout(self.timeout, answer).await {
+        match pingora::time::fast_timeout::fast_timeout(self.patience(), answer).await {
             Ok(Ok(Ok(values))) => Ok(values),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err(StoreError::Unavailable("transaction dropped".into())),
@@ -87,12 +205,32 @@ impl Link {
         }
     }
 
-    /// Sends every waiting transaction as one `MULTI/EXEC` and hands each its replies.
+    /// Sends every waiting transaction as one `MULTI/EXEC` per slot and hands each its replies.
     async fn flush(&self) {
         let batch = match self.waiting.lock() {
             Ok(mut waiting) => std::mem::take(&mut *waiting),
             Err(_) => return,
         };
+        if !self.cluster() {
+            return self.flush_slot(0, batch).await;
+        }
+        let mut slots: Vec<(u16, Vec<Waiting>)> = Vec::new();
+        for w in batch {
+            let slot = w.cmds.iter().find_map(first_key_slot).unwrap_or_default();
+            match slots.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, group)) => group.push(w),
+                None => slots.push((slot, vec![w])),
+            }
+        }
+        // Each slot's transaction on its own task, so the slots' nodes answer concurrently.
+        for (slot, group) in slots {
+            let link = self.clone();
+            tokio::spawn(async move { link.flush_slot(slot, group).await });
+        }
+    }
+
+    /// One `MULTI/EXEC` of the transactions of one slot.
+    async fn flush_slot(&self, slot: u16, batch: Vec<Waiting>) {
         let mut p = redis::pipe();
         p.atomic().ignore_errors();
         let mut shares = Vec::with_capacity(batch.len());
@@ -116,7 +254,11 @@ impl Link {
                 }));
             }
         };
-        match self.pipe::<Vec<Value>>(&p).await {
+        let answer = match self.pipe::<Vec<Value>>(&p).await {
+            Ok(values) => self.replicated(slot).await.map(|()| values),
+            Err(e) => Err(e),
+        };
+        match answer {
             Ok(values) if values.len() == expected => {
                 let mut values = values.into_iter();
                 for (n, reply) in shares {
@@ -140,5 +282,13 @@ impl Link {
             ),
             Err(e) => failed(e, shares),
         }
+    }
+}
+
+/// The cluster slot of a command's key (its first argument after the name), when it has one.
+pub(super) fn first_key_slot(cmd: &Cmd) -> Option<u16> {
+    match cmd.args_iter().nth(1)? {
+        redis::Arg::Simple(key) => Some(key_slot(key)),
+        _ => None,
     }
 }

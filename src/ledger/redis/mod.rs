@@ -114,16 +114,19 @@ mod jobs;
 mod link;
 mod records;
 mod repair;
+mod retry;
 mod settlement;
+mod store;
 mod sweep;
 mod usage;
+
+pub use self::store::{StoreConn, StoreNodes};
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, Value};
 use tokio::sync::{OnceCell, Semaphore};
 
@@ -134,6 +137,7 @@ use self::records::{
 use self::repair::{Adjust, Fix, MAX_PENDING_REPAIRS};
 use self::settlement::{Settler, Unlist};
 use self::usage::{add_cmds, UsageWrite};
+use super::lane::Lane;
 use super::schema::{self, account_field as af, outbox_field as of, rsv_field as rf};
 use super::JobHold;
 use super::{
@@ -147,8 +151,10 @@ use crate::clock::{Clock, SystemClock};
 
 /// The Redis ledger.
 pub struct RedisLedger {
-    client: redis::Client,
+    nodes: StoreNodes,
     command_timeout: Duration,
+    /// `store.wait_replicas`.
+    wait_replicas: u8,
     link: OnceCell<Link>,
     repairs: Arc<Semaphore>,
     usage_keep_ms: i64,
@@ -167,11 +173,38 @@ impl RedisLedger {
     /// Parses the URL; connects on first use. Errors only on a malformed or unsupported URL
     /// (e.g. `rediss://` without TLS support built in).
     pub fn new(url: &str, command_timeout: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)
+        Self::on(StoreNodes::new(url, false), command_timeout)
+    }
+
+    /// A Redis Cluster ledger: `seeds` is a comma-separated list of node URLs
+    /// (`redis://h1:7000,redis://h2:7001`); the slot map is learnt from them on first use.
+    pub fn new_cluster(seeds: &str, command_timeout: Duration) -> Result<Self, StoreError> {
+        Self::on(StoreNodes::new(seeds, true), command_timeout)
+    }
+
+    /// The ledger `[store]` describes (`url`, `cluster`, `command_timeout_ms`, `wait_replicas`).
+    pub fn from_config(store: &crate::config::StoreConfig) -> Result<Self, StoreError> {
+        Ok(Self::on(
+            StoreNodes::from_config(store),
+            Duration::from_millis(store.command_timeout_ms),
+        )?
+        .with_wait_replicas(store.wait_replicas))
+    }
+
+    /// Each money transaction acknowledged by `n` replicas (`WAIT`) before it counts.
+    pub fn with_wait_replicas(mut self, n: u8) -> Self {
+        self.wait_replicas = n;
+        self
+    }
+
+    fn on(nodes: StoreNodes, command_timeout: Duration) -> Result<Self, StoreError> {
+        nodes
+            .validate()
             .map_err(|e| StoreError::Unavailable(format!("store url not usable: {e}")))?;
         Ok(Self {
-            client,
+            nodes,
             command_timeout,
+            wait_replicas: 0,
             link: OnceCell::new(),
             repairs: Arc::new(Semaphore::new(MAX_PENDING_REPAIRS)),
             usage_keep_ms: retention_ms(super::usage::DEFAULT_RETENTION_DAYS),
@@ -200,10 +233,32 @@ impl RedisLedger {
         ))
     }
 
-    /// Entries in the Stripe outbox stream (delivered entries are removed by the worker).
+    /// Entries in the Stripe outbox streams, over every lane (delivered entries are removed by
+    /// the worker).
     pub async fn outbox_len(&self) -> StoreResult<u64> {
         let link = self.link().await?;
-        link.cmd(redis::cmd("XLEN").arg(schema::OUTBOX)).await
+        let mut total = 0u64;
+        for lane in link.lanes().await? {
+            let n: u64 = link.cmd(redis::cmd("XLEN").arg(lane.outbox())).await?;
+            total = total.saturating_add(n);
+        }
+        Ok(total)
+    }
+
+    /// What is wrong with the Redis Cluster (`cluster_state` not `ok`), if anything; always
+    /// `None` on a single node. For `/readyz`.
+    pub async fn cluster_problem(&self) -> StoreResult<Option<String>> {
+        let link = self.link().await?;
+        let mut conn = link.conn.clone();
+        match pingora::time::fast_timeout::fast_timeout(
+            self.command_timeout,
+            conn.cluster_problem(),
+        )
+        .await
+        {
+            Ok(answer) => answer.map_err(unavailable),
+            Err(_) => Err(StoreError::Timeout),
+        }
     }
 
     /// The ledger's one multiplexed connection, made on first use.
@@ -211,19 +266,19 @@ impl RedisLedger {
         let link = self
             .link
             .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.command_timeout))
-                    // Every call is timed by `Link::timed`; a second timer per call costs a
-                    // wake-up of the runtime's driver.
-                    .set_response_timeout(None)
-                    .set_min_delay(Duration::from_millis(50))
-                    .set_max_delay(Duration::from_millis(500))
-                    .set_number_of_retries(6);
-                let conn = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-                    .map_err(unavailable)?;
+                let conn = match pingora::time::fast_timeout::fast_timeout(
+                    self.command_timeout * 5,
+                    self.nodes.connect(self.command_timeout),
+                )
+                .await
+                {
+                    Ok(conn) => conn.map_err(unavailable)?,
+                    Err(_) => return Err(StoreError::Timeout),
+                };
                 Ok::<_, StoreError>(Link {
                     conn,
                     timeout: self.command_timeout,
+                    wait_replicas: self.wait_replicas,
                     repairs: self.repairs.clone(),
                     waiting: Arc::default(),
                     usage_keep_ms: self.usage_keep_ms,
@@ -304,7 +359,7 @@ impl RedisLedger {
 /// A hold's lease, written in its reserving transaction: the reservation on the account's
 /// unsettled list (scored by the lease's end), and the account on the sweeper's work list of
 /// the 10 s slot the lease ends in.
-fn lease_cmds(account_id: &str, reservation_id: &str, until_ms: i64) -> [Cmd; 3] {
+fn lease_cmds(lane: Lane, account_id: &str, reservation_id: &str, until_ms: i64) -> [Cmd; 3] {
     let slot = schema::lease_slot_of(until_ms);
     let mut holds = redis::cmd("ZADD");
     holds
@@ -312,9 +367,9 @@ fn lease_cmds(account_id: &str, reservation_id: &str, until_ms: i64) -> [Cmd; 3]
         .arg(until_ms)
         .arg(reservation_id);
     let mut work = redis::cmd("SADD");
-    work.arg(schema::lease_slot(slot)).arg(account_id);
+    work.arg(lane.lease_slot(slot)).arg(account_id);
     let mut due = redis::cmd("ZADD");
-    due.arg(schema::LEASE_DUE).arg(slot).arg(slot);
+    due.arg(lane.lease_due()).arg(slot).arg(slot);
     [holds, work, due]
 }
 
@@ -349,6 +404,22 @@ impl Ledger for RedisLedger {
     ) -> StoreResult<bool> {
         let link = self.link().await?;
         let key = schema::account(&account.id);
+        // Before anything of the account exists (each its own single-key step, since on a
+        // cluster they are in other slots): its lane on the walkers' list, and the customer
+        // index when no other account holds it (lookups check it against the account, so an
+        // entry left by a failed creation misleads nobody; a stale or foreign one is
+        // overwritten below once the account is known to be new).
+        link.register_lane(&account.id).await?;
+        if let Some(customer) = &account.stripe_customer_id {
+            let _: Option<String> = link
+                .cmd(
+                    redis::cmd("SET")
+                        .arg(schema::stripe_customer(customer))
+                        .arg(&account.id)
+                        .arg("NX"),
+                )
+                .await?;
+        }
         let mut p = redis::pipe();
         p.atomic();
         for (i, (field, value)) in account_fields(account).into_iter().enumerate() {
@@ -357,17 +428,8 @@ impl Ledger for RedisLedger {
                 p.ignore();
             }
         }
-        // The customer index, in the same step when no other account holds it (a stale or
-        // foreign entry is overwritten below once the account is known to be new).
-        if let Some(customer) = &account.stripe_customer_id {
-            p.cmd("SET")
-                .arg(schema::stripe_customer(customer))
-                .arg(&account.id)
-                .arg("NX")
-                .ignore();
-        }
         let Some(bucket) = signup else {
-            let (created,): (i64,) = link.pipe(&p).await?;
+            let (created,): (i64,) = link.tx(&p).await?;
             if created == 1 {
                 index_customer(&link, account).await;
             }
@@ -375,7 +437,7 @@ impl Ledger for RedisLedger {
         };
         let bal = schema::balance(&account.id, &bucket.id);
         seed_bucket(&mut p, &bal, bucket);
-        let (created, seeded): (i64, Option<String>) = link.pipe(&p).await?;
+        let (created, seeded): (i64, Option<String>) = link.tx(&p).await?;
         if created == 1 {
             index_customer(&link, account).await;
             return Ok(true);
@@ -412,21 +474,26 @@ impl Ledger for RedisLedger {
         if !exists {
             return Ok(None);
         }
+        // The customer index first, a step of its own (another slot on a cluster): lookups check
+        // it against the account, so it may point at the account before the change lands. A
+        // previous customer's entry is left behind for the same reason.
+        if let Some(customer) = &change.stripe_customer_id {
+            let () = link
+                .cmd(
+                    redis::cmd("SET")
+                        .arg(schema::stripe_customer(customer))
+                        .arg(account_id),
+                )
+                .await?;
+        }
         let mut p = redis::pipe();
         p.atomic();
         let fields = change_fields(change);
         if !fields.is_empty() {
             p.cmd("HSET").arg(&key).arg(&fields).ignore();
         }
-        // A previous customer's index entry is left behind: lookups check it against the account.
-        if let Some(customer) = &change.stripe_customer_id {
-            p.cmd("SET")
-                .arg(schema::stripe_customer(customer))
-                .arg(account_id)
-                .ignore();
-        }
         p.cmd("HGETALL").arg(&key);
-        let (after,): (HashMap<String, String>,) = link.pipe(&p).await?;
+        let (after,): (HashMap<String, String>,) = link.tx(&p).await?;
         parse_account(&key, after).map(Some)
     }
 
@@ -452,13 +519,16 @@ impl Ledger for RedisLedger {
         let link = self.link().await?;
         let record = schema::key_record(key_hash);
         let id_key = schema::key_id(&key.id);
-        // 1. The record first: unusable until its id is in the account's zset (authentication
-        // takes the slot from there), so a crash before the claim leaves no key behind.
-        let mut p = redis::pipe();
-        p.atomic();
-        p.cmd("SET").arg(&record).arg(to_json(key)?).ignore();
-        p.cmd("SET").arg(&id_key).arg(key_hash).ignore();
-        let () = link.pipe(&p).await?;
+        // 1. The id → hash index, then the record (single-key steps: on a cluster they are in
+        // other slots than each other and the account): unusable until its id is in the
+        // account's zset (authentication takes the slot from there), so a crash before the
+        // claim leaves no key behind.
+        let () = link
+            .cmd(redis::cmd("SET").arg(&id_key).arg(key_hash))
+            .await?;
+        let () = link
+            .cmd(redis::cmd("SET").arg(&record).arg(to_json(key)?))
+            .await?;
         if key.revoked {
             return Ok(KeySlotClaim::Claimed);
         }
@@ -501,14 +571,13 @@ impl Ledger for RedisLedger {
             }
             return Ok(KeySlotClaim::Claimed);
         }
-        let mut undo = redis::pipe();
-        undo.atomic();
-        undo.cmd("ZREM").arg(&keys).arg(&key.id).ignore();
-        undo.cmd("DEL").arg(&record).arg(&id_key).ignore();
-        if let Err(e) = link.pipe::<()>(&undo).await {
-            tracing::warn!(error = %e, key = %key.id, "refused key not removed; retrying in background");
-            link.retry_idempotent("refused key", undo);
-        }
+        // The refusal, in order: the record first (the key is unusable from then on), then its
+        // claim and its index; each step idempotent, the rest retried in the background.
+        let mut steps = [redis::pipe(), redis::pipe(), redis::pipe()];
+        steps[0].cmd("DEL").arg(&record).ignore();
+        steps[1].cmd("ZREM").arg(&keys).arg(&key.id).ignore();
+        steps[2].cmd("DEL").arg(&id_key).ignore();
+        link.run_in_order("refused key", steps.into()).await;
         Ok(KeySlotClaim::Full)
     }
 
@@ -542,8 +611,9 @@ impl Ledger for RedisLedger {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
+        // One `GET` each (on a cluster the keys are in many slots; the connection pipelines them).
         let id_keys: Vec<String> = ids.iter().map(|id| schema::key_id(id)).collect();
-        let hashes: Vec<Option<String>> = link.cmd(redis::cmd("MGET").arg(&id_keys)).await?;
+        let hashes = link.get_each(&id_keys).await?;
         let record_keys: Vec<String> = hashes
             .into_iter()
             .flatten()
@@ -552,7 +622,7 @@ impl Ledger for RedisLedger {
         if record_keys.is_empty() {
             return Ok(Vec::new());
         }
-        let records: Vec<Option<String>> = link.cmd(redis::cmd("MGET").arg(&record_keys)).await?;
+        let records = link.get_each(&record_keys).await?;
         record_keys
             .iter()
             .zip(records)
@@ -578,14 +648,17 @@ impl Ledger for RedisLedger {
             revoked: true,
             ..before.clone()
         };
-        let mut p = redis::pipe();
-        p.atomic();
-        p.cmd("SET").arg(&key).arg(to_json(&revoked)?).ignore();
-        p.cmd("ZREM")
-            .arg(schema::account_keys(&before.account_id))
-            .arg(key_id)
-            .ignore();
-        let () = link.pipe(&p).await?;
+        // The record first (unusable from then on), then its slot (another slot on a cluster).
+        let () = link
+            .cmd(redis::cmd("SET").arg(&key).arg(to_json(&revoked)?))
+            .await?;
+        let _: i64 = link
+            .cmd(
+                redis::cmd("ZREM")
+                    .arg(schema::account_keys(&before.account_id))
+                    .arg(key_id),
+            )
+            .await?;
         Ok(Some(before))
     }
 
@@ -613,7 +686,7 @@ impl Ledger for RedisLedger {
         for c in add_cmds(account_id, &entry, link.usage_keep_ms) {
             p.add_command(c).ignore();
         }
-        let (balance,): (i64,) = link.pipe(&p).await?;
+        let (balance,): (i64,) = link.tx(&p).await?;
         Ok(non_negative(balance))
     }
 
@@ -637,7 +710,7 @@ impl Ledger for RedisLedger {
         for c in add_cmds(account_id, &entry, link.usage_keep_ms) {
             p.add_command(c).ignore();
         }
-        let () = link.pipe(&p).await?;
+        let () = link.tx(&p).await?;
         Ok(())
     }
 
@@ -673,6 +746,7 @@ impl Ledger for RedisLedger {
             command("PEXPIRE", &rsv, r.record_ttl_ms.max(1)),
         ];
         cmds.extend(lease_cmds(
+            link.lane(&r.account_id),
             &r.account_id,
             &r.reservation_id,
             r.lease_until_ms,
@@ -750,7 +824,7 @@ impl Ledger for RedisLedger {
         ];
         if let Some(report) = &r.report {
             let mut xadd = redis::cmd("XADD");
-            xadd.arg(schema::OUTBOX).arg("*").arg(&[
+            xadd.arg(link.lane(&r.account_id).outbox()).arg("*").arg(&[
                 (of::RESERVATION, r.reservation_id.clone()),
                 (of::ACCOUNT, r.account_id.clone()),
                 (of::CUSTOMER, report.customer_id.clone()),
@@ -763,6 +837,7 @@ impl Ledger for RedisLedger {
             cmds.push(xadd);
         }
         cmds.extend(lease_cmds(
+            link.lane(&r.account_id),
             &r.account_id,
             &r.reservation_id,
             r.lease_until_ms,
@@ -772,7 +847,7 @@ impl Ledger for RedisLedger {
         let answer = link.transact(cmds).await.and_then(|mut replies| {
             let spent = reply::<i64>(&mut replies, 0, &spend)?;
             let entry = match reported {
-                true => Some(reply::<String>(&mut replies, 4, schema::OUTBOX)?),
+                true => Some(reply::<String>(&mut replies, 4, "outbox")?),
                 false => None,
             };
             Ok((spent, entry))
@@ -798,7 +873,7 @@ impl Ledger for RedisLedger {
             },
             fields: vec![(rf::STATE, schema::STATE_VOID.to_string())],
             rsv_ttl_ms: Some(schema::VOID_RECORD_TTL_MS),
-            xdel: entry,
+            xdel: entry.map(|id| (link.lane(&r.account_id).outbox(), id)),
             unlist: Some((schema::holds(&r.account_id), r.reservation_id.clone())),
             usage: Some(UsageWrite::Remove {
                 account_id: r.account_id.clone(),

@@ -91,7 +91,7 @@ impl Link {
                     "ledger fix applied more than once (an attempt landed late); undoing one");
             }
             let (after,): (i64,) = self
-                .pipe(&fix.pipeline(direction, self.usage_keep_ms))
+                .tx(&fix.pipeline(direction, self.usage_keep_ms))
                 .await?;
             count = after;
         }
@@ -126,6 +126,31 @@ impl Link {
             }
             tracing::error!(what, "idempotent ledger repair abandoned after retries");
         });
+    }
+
+    /// Runs idempotent steps in order; from the first that fails, the rest (it included) go on
+    /// in the background, still in order.
+    pub(super) async fn run_in_order(&self, what: &'static str, steps: Vec<Pipeline>) {
+        let mut steps = steps.into_iter();
+        while let Some(step) = steps.next() {
+            if let Err(e) = self.pipe::<()>(&step).await {
+                tracing::warn!(error = %e, what, "ledger step failed; retrying in background");
+                let rest: Vec<Pipeline> = std::iter::once(step).chain(steps).collect();
+                self.spawn_repair(what, move |link| async move {
+                    'steps: for step in rest {
+                        for attempt in 0..REPAIR_ATTEMPTS {
+                            tokio::time::sleep(backoff(attempt)).await;
+                            if link.pipe::<()>(&step).await.is_ok() {
+                                continue 'steps;
+                            }
+                        }
+                        tracing::error!(what, "idempotent ledger repair abandoned after retries");
+                        return;
+                    }
+                });
+                return;
+            }
+        }
     }
 
     /// Gives back a reservation whose outcome is unknown, in the background.
@@ -184,7 +209,8 @@ pub(super) struct Fix {
     pub(super) adjust: Adjust,
     pub(super) fields: Vec<(&'static str, String)>,
     pub(super) rsv_ttl_ms: Option<i64>,
-    pub(super) xdel: Option<String>,
+    /// The outbox entry to delete with the step: `(the lane's outbox stream, entry id)`.
+    pub(super) xdel: Option<(String, String)>,
     /// The hold to take off the account's unsettled list once the step stands:
     /// `(cg:{a:<account>}:holds, reservation id)`.
     pub(super) unlist: Option<(String, String)>,
@@ -234,8 +260,8 @@ impl Fix {
         if let Some(ttl) = self.rsv_ttl_ms {
             p.cmd("PEXPIRE").arg(&self.rsv).arg(ttl).ignore();
         }
-        if let Some(id) = &self.xdel {
-            p.cmd("XDEL").arg(schema::OUTBOX).arg(id).ignore();
+        if let Some((outbox, id)) = &self.xdel {
+            p.cmd("XDEL").arg(outbox).arg(id).ignore();
         }
         // Only with an application: an undo leaves the counter at 1 or more (the step still
         // stands once), and the refund's member is the same on every application.

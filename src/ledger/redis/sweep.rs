@@ -1,5 +1,7 @@
-//! The Redis side of the sweeper ([`crate::sweeper`]): walks the lease slots that ended
-//! (`cg:lease:due` → `cg:lease:<slot>` → each account's `cg:{a:<id>}:holds` past its lease) and
+//! The Redis side of the sweeper ([`crate::sweeper`]): walks, lane by lane
+//! ([`lane`](crate::ledger::lane): one on a single node, one per cluster slot in use), the lease
+//! slots that ended (`<lane>lease:due` → `<lane>lease:<slot>` → each account's
+//! `cg:{a:<id>}:holds` past its lease) and
 //! settles each hold found there through the ordinary settlement claim, so it is exactly-once
 //! against the request's own settlement and against every other instance's sweeper:
 //! - nobody settled it (its gateway died, or the store hung mid-request) → claimed with the
@@ -17,6 +19,7 @@
 use super::link::Link;
 use super::settlement::{Settler, Unlist};
 use super::{command, schema};
+use crate::ledger::lane::Lane;
 use crate::ledger::schema::rsv_field as rf;
 use crate::ledger::{OrphanPolicy, SettleOutcome, StoreResult, SweepReport};
 
@@ -33,13 +36,33 @@ impl Link {
         limit: usize,
     ) -> StoreResult<SweepReport> {
         let mut report = SweepReport::default();
+        for lane in self.lanes().await? {
+            if self
+                .sweep_lane(lane, now_ms, policy, limit, &mut report)
+                .await?
+            {
+                break;
+            }
+        }
+        Ok(report)
+    }
+
+    /// One lane's due lease slots; `true` once `limit` holds were checked.
+    async fn sweep_lane(
+        &self,
+        lane: Lane,
+        now_ms: i64,
+        policy: OrphanPolicy,
+        limit: usize,
+        report: &mut SweepReport,
+    ) -> StoreResult<bool> {
         let horizon = now_ms - LEASE_MARGIN_MS;
         // Slot s ends at (s + 1) × width: due when that is past the horizon.
         let last_due = schema::lease_slot_of(horizon) - 1;
         let slots: Vec<i64> = self
             .cmd(
                 redis::cmd("ZRANGEBYSCORE")
-                    .arg(schema::LEASE_DUE)
+                    .arg(lane.lease_due())
                     .arg("-inf")
                     .arg(last_due)
                     .arg("LIMIT")
@@ -48,16 +71,16 @@ impl Link {
             )
             .await?;
         for slot in slots {
-            let key = schema::lease_slot(slot);
+            let key = lane.lease_slot(slot);
             let accounts: Vec<String> = self.cmd(redis::cmd("SMEMBERS").arg(&key)).await?;
             let mut complete = true;
             for account in &accounts {
                 let left = limit.saturating_sub(usize::try_from(report.checked).unwrap_or(0));
                 if left == 0 {
-                    return Ok(report);
+                    return Ok(true);
                 }
                 if !self
-                    .sweep_account(account, horizon, policy, left, &mut report)
+                    .sweep_account(account, horizon, policy, left, report)
                     .await?
                 {
                     complete = false;
@@ -67,11 +90,11 @@ impl Link {
                 let mut p = redis::pipe();
                 p.atomic();
                 p.cmd("DEL").arg(&key).ignore();
-                p.cmd("ZREM").arg(schema::LEASE_DUE).arg(slot).ignore();
+                p.cmd("ZREM").arg(lane.lease_due()).arg(slot).ignore();
                 let () = self.pipe(&p).await?;
             }
         }
-        Ok(report)
+        Ok(false)
     }
 
     /// Settles the account's holds whose lease ended before `horizon`; `false` when some were

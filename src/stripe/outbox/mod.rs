@@ -5,6 +5,14 @@
 //! claiming, sending, acknowledging); what it decides from what it reads is in `decision.rs`,
 //! pure and unit-tested.
 //!
+//! # Lanes
+//!
+//! On a single Redis node the outbox is the one stream `cg:outbox`. On a Redis Cluster each
+//! charge goes to the outbox of its account's lane (`cg:{<lane>}:outbox`, in the charge's slot;
+//! see [`lane`](crate::ledger::lane)); the worker walks the lanes in use (`cg:lanes`) and treats
+//! each lane's stream, group and dead-letter stream exactly as the one stream below. Reads are
+//! then polls without `BLOCK` (one connection serves every lane), every `block` interval.
+//!
 //! # Many instances, one stream
 //!
 //! Every gateway instance runs one [`StripeReporter`]. They share the consumer group `stripe`
@@ -44,7 +52,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rand::Rng;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::RedisError;
 use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
@@ -60,7 +67,8 @@ use super::metrics::{self, Finish, ReporterStats};
 use super::transport::{StripeCallError, StripeHttp};
 use crate::clock::SharedClock;
 use crate::config::StripeConfig;
-use crate::ledger::schema;
+use crate::ledger::lane::Lane;
+use crate::ledger::{schema, StoreConn, StoreNodes};
 
 /// Longest pause after a store error (the store is retried sooner than Stripe).
 const MAX_STORE_PAUSE: Duration = Duration::from_secs(5);
@@ -141,7 +149,7 @@ pub enum ReporterError {
 
 /// The background worker that reports pay-per-use charges to Stripe.
 pub struct StripeReporter {
-    client: redis::Client,
+    nodes: StoreNodes,
     http: StripeHttp,
     meter_event_name: String,
     clock: SharedClock,
@@ -168,13 +176,24 @@ impl StripeReporter {
         secret_key: &str,
         clock: SharedClock,
     ) -> Result<Self, ReporterError> {
+        Self::for_store(StoreNodes::new(redis_url, false), config, secret_key, clock)
+    }
+
+    /// [`StripeReporter::new`] for a store given by its nodes (one, or a cluster's seeds).
+    pub fn for_store(
+        nodes: StoreNodes,
+        config: &StripeConfig,
+        secret_key: &str,
+        clock: SharedClock,
+    ) -> Result<Self, ReporterError> {
         let settings = ReporterSettings::default();
-        let client =
-            redis::Client::open(redis_url).map_err(|e| ReporterError::Store(e.to_string()))?;
+        nodes
+            .validate()
+            .map_err(|e| ReporterError::Store(e.to_string()))?;
         let http = StripeHttp::new(&config.api_base, secret_key, settings.request_timeout)?;
         metrics::register();
         Ok(Self {
-            client,
+            nodes,
             http,
             meter_event_name: config.meter_event_name.clone(),
             clock,
@@ -206,17 +225,20 @@ impl StripeReporter {
     /// Runs until `shutdown` turns true (or its sender is dropped). Entries in flight stay
     /// pending in the stream and are taken over by the next worker.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.settings.command_timeout))
-            .set_response_timeout(Some(self.settings.command_timeout + self.settings.block))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(1000))
-            .set_number_of_retries(3);
-        let conn = match ConnectionManager::new_lazy_with_config(self.client.clone(), config) {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::error!(error = %e, "Stripe reporter cannot use the store; not started");
-                return;
+        let conn = loop {
+            match self.nodes.connect(self.settings.command_timeout).await {
+                Ok(conn) => break conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Stripe reporter cannot reach the store yet");
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.settings.backoff_max.min(Duration::from_secs(5))) => {}
+                        changed = shutdown.changed() => {
+                            if stop_requested(changed, &shutdown) {
+                                return;
+                            }
+                        }
+                    }
+                }
             }
         };
         tracing::info!(consumer = %self.settings.consumer, "Stripe reporter started");
@@ -227,7 +249,8 @@ impl StripeReporter {
             paused_until: None,
             failures: 0,
             store_failures: 0,
-            group_ready: false,
+            lanes: Vec::new(),
+            groups: std::collections::HashSet::new(),
             next_claim: Instant::now(),
             next_gauges: Instant::now(),
         };
@@ -251,7 +274,7 @@ impl StripeReporter {
                 }
                 Err(e) => {
                     if e.code() == Some("NOGROUP") {
-                        worker.group_ready = false;
+                        worker.groups.clear();
                     }
                     worker.store_failures = worker.store_failures.saturating_add(1);
                     let pause = self.backoff(worker.store_failures).min(MAX_STORE_PAUSE);
@@ -324,8 +347,13 @@ impl pingora::services::background::BackgroundService for StripeReporter {
     }
 }
 
+/// A held entry: its place in its stream, and the stream's lane.
+type Key = (Seq, Lane);
+
 /// An entry this worker owns (in its pending list) and has not finished.
 struct Held {
+    /// The lane whose stream holds it.
+    lane: Lane,
     id: String,
     /// The parsed entry, or why it cannot be parsed (it is dead-lettered).
     entry: Result<OutboxEntry, String>,
@@ -341,7 +369,7 @@ struct Held {
 
 /// A send decided for an owned entry.
 struct Outgoing {
-    key: Seq,
+    key: Key,
     entry: OutboxEntry,
     value: u64,
 }
@@ -355,15 +383,18 @@ enum Ending {
 /// The loop's state; lives as long as one `run`.
 struct Worker<'a> {
     r: &'a StripeReporter,
-    conn: ConnectionManager,
-    held: BTreeMap<Seq, Held>,
+    conn: StoreConn,
+    held: BTreeMap<Key, Held>,
     /// No Stripe sends before this (after a retryable failure).
     paused_until: Option<Instant>,
     /// Consecutive retryable Stripe failures.
     failures: u32,
     /// Consecutive store errors.
     store_failures: u32,
-    group_ready: bool,
+    /// The lanes walked (read again every step).
+    lanes: Vec<Lane>,
+    /// Lanes whose consumer group is known to exist.
+    groups: std::collections::HashSet<Lane>,
     next_claim: Instant,
     next_gauges: Instant,
 }
@@ -374,9 +405,12 @@ impl Worker<'_> {
     }
 
     async fn step(&mut self) -> Result<(), RedisError> {
-        if !self.group_ready {
-            self.create_group().await?;
-            self.group_ready = true;
+        self.lanes = self.conn.lanes().await?;
+        for lane in self.lanes.clone() {
+            if !self.groups.contains(&lane) {
+                self.create_group(lane).await?;
+                self.groups.insert(lane);
+            }
         }
         let now = Instant::now();
         if now >= self.next_gauges {
@@ -405,17 +439,17 @@ impl Worker<'_> {
             };
             wake = wake.min(due);
         }
-        if self.held.is_empty() {
+        if self.held.is_empty() && !self.conn.is_cluster() {
             // The blocking read already waited.
             return now;
         }
         wake
     }
 
-    async fn create_group(&mut self) -> Result<(), RedisError> {
+    async fn create_group(&mut self, lane: Lane) -> Result<(), RedisError> {
         let created: Result<(), RedisError> = redis::cmd("XGROUP")
             .arg("CREATE")
-            .arg(schema::OUTBOX)
+            .arg(lane.outbox())
             .arg(schema::OUTBOX_GROUP)
             .arg("0")
             .arg("MKSTREAM")
@@ -429,16 +463,21 @@ impl Worker<'_> {
     }
 
     async fn refresh_gauges(&mut self) -> Result<(), RedisError> {
-        let mut p = redis::pipe();
-        p.cmd("XLEN").arg(schema::OUTBOX);
-        p.cmd("XLEN").arg(schema::OUTBOX_DEAD);
-        let (outbox, dead): (u64, u64) = p.query_async(&mut self.conn).await?;
+        let (mut outbox, mut dead) = (0u64, 0u64);
+        for lane in self.lanes.clone() {
+            let mut p = redis::pipe();
+            p.cmd("XLEN").arg(lane.outbox());
+            p.cmd("XLEN").arg(lane.outbox_dead());
+            let (n, d): (u64, u64) = p.query_async(&mut self.conn).await?;
+            outbox = outbox.saturating_add(n);
+            dead = dead.saturating_add(d);
+        }
         metrics::set_backlog(outbox, dead);
         Ok(())
     }
 
-    fn hold(&mut self, entry: StreamId, touched: Instant) {
-        let key = seq(&entry.id);
+    fn hold(&mut self, lane: Lane, entry: StreamId, touched: Instant) {
+        let key = (seq(&entry.id), lane);
         if let Some(h) = self.held.get_mut(&key) {
             // Our own entry claimed back after a long wait: only the claim is new.
             h.touched = touched;
@@ -453,6 +492,7 @@ impl Worker<'_> {
         self.held.insert(
             key,
             Held {
+                lane,
                 id: entry.id,
                 entry: parsed,
                 fields,
@@ -463,8 +503,15 @@ impl Worker<'_> {
         );
     }
 
-    /// `XAUTOCLAIM` of entries pending longer than `claim_idle`, whoever holds them.
+    /// `XAUTOCLAIM` of entries pending longer than `claim_idle`, whoever holds them, lane by lane.
     async fn claim_stale(&mut self) -> Result<(), RedisError> {
+        for lane in self.lanes.clone() {
+            self.claim_stale_in(lane).await?;
+        }
+        Ok(())
+    }
+
+    async fn claim_stale_in(&mut self, lane: Lane) -> Result<(), RedisError> {
         let idle_ms = u64::try_from(self.settings().claim_idle.as_millis()).unwrap_or(u64::MAX);
         let mut cursor = "0-0".to_string();
         // A few pages at most per step; the cursor wraps to 0-0 when the list is done.
@@ -475,7 +522,7 @@ impl Worker<'_> {
             }
             let before = Instant::now();
             let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                .arg(schema::OUTBOX)
+                .arg(lane.outbox())
                 .arg(schema::OUTBOX_GROUP)
                 .arg(&self.settings().consumer)
                 .arg(idle_ms)
@@ -486,11 +533,11 @@ impl Worker<'_> {
                 .await?;
             for gone in &reply.deleted_ids {
                 // Deleted from the stream (a voided charge): Redis drops it from the group.
-                self.held.remove(&seq(gone));
+                self.held.remove(&(seq(gone), lane));
             }
             for entry in reply.claimed {
                 tracing::info!(entry = %entry.id, "Stripe reporter took over a stale outbox entry");
-                self.hold(entry, before);
+                self.hold(lane, entry, before);
             }
             cursor = reply.next_stream_id;
             if cursor == "0-0" {
@@ -501,6 +548,20 @@ impl Worker<'_> {
     }
 
     async fn read_new(&mut self, block: Option<Duration>) -> Result<(), RedisError> {
+        if !self.conn.is_cluster() {
+            return self.read_new_in(Lane::SINGLE, block).await;
+        }
+        // One connection serves every lane: poll them, never block on one.
+        for lane in self.lanes.clone() {
+            if self.held.len() >= self.settings().max_held {
+                break;
+            }
+            self.read_new_in(lane, None).await?;
+        }
+        Ok(())
+    }
+
+    async fn read_new_in(&mut self, lane: Lane, block: Option<Duration>) -> Result<(), RedisError> {
         let room = self.settings().max_held.saturating_sub(self.held.len());
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
@@ -512,12 +573,12 @@ impl Worker<'_> {
             cmd.arg("BLOCK")
                 .arg(u64::try_from(block.as_millis()).unwrap_or(1000).max(1));
         }
-        cmd.arg("STREAMS").arg(schema::OUTBOX).arg(">");
+        cmd.arg("STREAMS").arg(lane.outbox()).arg(">");
         let before = Instant::now();
         let reply: Option<StreamReadReply> = cmd.query_async(&mut self.conn).await?;
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for entry in key.ids {
-                self.hold(entry, before);
+                self.hold(lane, entry, before);
             }
         }
         Ok(())
@@ -526,7 +587,7 @@ impl Worker<'_> {
     /// Looks at every due entry in stream order, sending up to `concurrency` at once.
     async fn work(&mut self) -> Result<(), RedisError> {
         let now = Instant::now();
-        let due: Vec<Seq> = self
+        let due: Vec<Key> = self
             .held
             .iter()
             .filter(|(_, h)| h.not_before <= now)
@@ -554,7 +615,7 @@ impl Worker<'_> {
     }
 
     /// Decides one entry; answers the send it needs, if any (already owned by this worker).
-    async fn prepare(&mut self, key: Seq) -> Result<Option<Outgoing>, RedisError> {
+    async fn prepare(&mut self, key: Key) -> Result<Option<Outgoing>, RedisError> {
         let Some(h) = self.held.get(&key) else {
             return Ok(None);
         };
@@ -638,8 +699,8 @@ impl Worker<'_> {
         }
         results.sort_by_key(|(send, _)| send.key);
         let mut retry: Option<(&'static str, Duration, StripeCallError)> = None;
-        let mut endings: Vec<(Seq, Ending)> = Vec::new();
-        let mut retried: Vec<Seq> = Vec::new();
+        let mut endings: Vec<(Key, Ending)> = Vec::new();
+        let mut retried: Vec<Key> = Vec::new();
         for (send, result) in results {
             let rid = &send.entry.rid;
             let ending = match result.map_err(|e| (classify(&e), e)) {
@@ -701,7 +762,7 @@ impl Worker<'_> {
     }
 
     /// Whether a send starting now ends before anyone else may claim the entry.
-    fn still_owned(&self, key: Seq, now: Instant) -> bool {
+    fn still_owned(&self, key: Key, now: Instant) -> bool {
         let margin = self.claim_margin();
         self.held.get(&key).is_some_and(|h| {
             now.saturating_duration_since(h.touched) + self.settings().request_timeout + margin
@@ -714,7 +775,7 @@ impl Worker<'_> {
     }
 
     /// Makes sure no other worker can send `key` during the next `request_timeout`.
-    async fn own(&mut self, key: Seq) -> Result<bool, RedisError> {
+    async fn own(&mut self, key: Key) -> Result<bool, RedisError> {
         let margin = self.claim_margin();
         let claim_idle = self.settings().claim_idle;
         let need = self.settings().request_timeout + margin;
@@ -733,9 +794,10 @@ impl Worker<'_> {
             claim_idle
         };
         let id = h.id.clone();
+        let outbox = h.lane.outbox();
         let before = Instant::now();
         let claimed: Vec<String> = redis::cmd("XCLAIM")
-            .arg(schema::OUTBOX)
+            .arg(outbox)
             .arg(schema::OUTBOX_GROUP)
             .arg(&self.settings().consumer)
             .arg(u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX))
@@ -753,7 +815,7 @@ impl Worker<'_> {
     }
 
     /// Acknowledges (and for dead letters first copies) an entry, in one transaction.
-    async fn finish(&mut self, key: Seq, ending: Ending) -> Result<(), RedisError> {
+    async fn finish(&mut self, key: Key, ending: Ending) -> Result<(), RedisError> {
         let Some(h) = self.held.get(&key) else {
             return Ok(());
         };
@@ -766,17 +828,17 @@ impl Worker<'_> {
             fields.push(("consumer".into(), self.settings().consumer.clone()));
             fields.push(("failed_ms".into(), self.r.clock.now_ms().to_string()));
             p.cmd("XADD")
-                .arg(schema::OUTBOX_DEAD)
+                .arg(h.lane.outbox_dead())
                 .arg("*")
                 .arg(&fields)
                 .ignore();
         }
         p.cmd("XACK")
-            .arg(schema::OUTBOX)
+            .arg(h.lane.outbox())
             .arg(schema::OUTBOX_GROUP)
             .arg(&h.id)
             .ignore();
-        p.cmd("XDEL").arg(schema::OUTBOX).arg(&h.id).ignore();
+        p.cmd("XDEL").arg(h.lane.outbox()).arg(&h.id).ignore();
         let done: Result<(), RedisError> = p.query_async(&mut self.conn).await;
         match done {
             Ok(()) => {
