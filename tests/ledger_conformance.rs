@@ -4,7 +4,10 @@
 //! period starts at its allowance, refunds apply exactly once, spend stops at the limit, key
 //! slots follow creation order and are claimed exactly under concurrency, account changes write
 //! only their fields and guarded ones apply only on what they read (and in subscription event
-//! order). Redis-only tests below cover outages, durability and the outbox.
+//! order). The Redis backend runs twice: on one `redis-server`, and on a local Redis Cluster of
+//! 3 masters + 3 replicas (its own per test), where every account's transactions go to its
+//! slot's master and the global keys are written as ordered single-key steps. Redis-only tests
+//! below cover outages, durability and the outbox.
 
 mod support;
 
@@ -21,7 +24,7 @@ use creditgate::ledger::{
     StoreError, StripeReport, SubscriptionEvent, SubscriptionStatus, PAY_PER_USE_PLAN,
 };
 use creditgate::period;
-use support::RedisServer;
+use support::{RedisCluster, RedisServer};
 
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(200);
 const DAY_MS: i64 = 24 * 3600 * 1000;
@@ -30,6 +33,7 @@ const DAY_MS: i64 = 24 * 3600 * 1000;
 struct Backend {
     ledger: Arc<dyn Ledger>,
     server: Option<RedisServer>,
+    cluster: Option<RedisCluster>,
 }
 
 impl Backend {
@@ -37,6 +41,7 @@ impl Backend {
         Self {
             ledger: Arc::new(MemoryLedger::new()),
             server: None,
+            cluster: None,
         }
     }
 
@@ -46,11 +51,29 @@ impl Backend {
         Self {
             ledger: Arc::new(ledger),
             server: Some(server),
+            cluster: None,
+        }
+    }
+
+    fn cluster() -> Self {
+        let cluster = RedisCluster::start();
+        let ledger =
+            RedisLedger::new_cluster(&cluster.seed_url(), COMMAND_TIMEOUT).expect("valid seeds");
+        Self {
+            ledger: Arc::new(ledger),
+            server: None,
+            cluster: Some(cluster),
         }
     }
 
     /// A second gateway instance on the same store: for Redis, its own ledger and connection.
     fn another_instance(&self) -> Arc<dyn Ledger> {
+        if let Some(cluster) = &self.cluster {
+            return Arc::new(
+                RedisLedger::new_cluster(&cluster.seed_url(), COMMAND_TIMEOUT)
+                    .expect("valid seeds"),
+            );
+        }
         match &self.server {
             Some(server) => {
                 Arc::new(RedisLedger::new(&server.url(), COMMAND_TIMEOUT).expect("valid url"))
@@ -60,7 +83,8 @@ impl Backend {
     }
 }
 
-/// Generates `on_memory::<test>` and `on_redis::<test>` for every conformance test below.
+/// Generates `on_memory::<test>`, `on_redis::<test>` and `on_cluster::<test>` for every
+/// conformance test below.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod on_memory {
@@ -76,6 +100,14 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(super::Backend::redis()).await;
+                }
+            )*
+        }
+        mod on_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::cluster()).await;
                 }
             )*
         }
@@ -2613,4 +2645,77 @@ async fn recording_a_job_does_not_revive_a_settled_hold(b: Backend) {
         100,
         "refunded once"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis Cluster only
+
+/// An account id whose keys (`cg:{a:<id>}:…`) live on the master at `port`.
+fn account_on(cluster: &RedisCluster, port: u16, prefix: &str) -> String {
+    (0..10_000)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| cluster.master_of_key(&format!("cg:{{a:{id}}}:acct")) == port)
+        .unwrap_or_else(|| panic!("no account id lands on master {port}"))
+}
+
+/// 200 × 3 credits on 100, from two ledger instances, on one account on each of the 3 masters
+/// at once: exactly 33 succeed on each, every balance ends at 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_accounts_on_every_master_are_exact_across_two_instances() {
+    let b = Backend::cluster();
+    let cluster = b.cluster.as_ref().expect("a cluster");
+    let masters = cluster.masters();
+    assert_eq!(masters.len(), 3, "{masters:?}");
+    let ledgers = vec![b.ledger.clone(), b.another_instance()];
+    let accounts: Vec<String> = masters
+        .iter()
+        .map(|m| account_on(cluster, m.port, "spread"))
+        .collect();
+    let mut races = Vec::new();
+    for account in &accounts {
+        let ledgers = ledgers.clone();
+        let account = account.clone();
+        races.push(tokio::spawn(async move {
+            race_for_credits(&ledgers, &account).await
+        }));
+    }
+    for race in races {
+        race.await.expect("race on one master");
+    }
+}
+
+/// Holds of accounts on every master, orphaned (never settled), are found by one sweep that
+/// walks every lane, and refunded once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_sweep_walks_the_lanes_of_every_master() {
+    let b = Backend::cluster();
+    let cluster = b.cluster.as_ref().expect("a cluster");
+    let bkt = bucket("p-sweep", 100);
+    let mut accounts = Vec::new();
+    for m in cluster.masters() {
+        let id = account_on(cluster, m.port, "orphan");
+        let mut r = credits(&id, "lost-1", &bkt, 10);
+        r.lease_until_ms = 1_000;
+        assert_eq!(reserved(b.ledger.as_ref(), &r).await, 90);
+        accounts.push(id);
+    }
+    let report = b
+        .another_instance()
+        .sweep(100_000, OrphanPolicy::Refund, 100)
+        .await
+        .expect("sweep");
+    assert_eq!(report.orphans, 3, "{report:?}");
+    for id in &accounts {
+        assert_eq!(
+            b.ledger.credit_balance(id, &bkt).await.expect("balance"),
+            100,
+            "{id} refunded once"
+        );
+    }
+    let again = b
+        .ledger
+        .sweep(200_000, OrphanPolicy::Refund, 100)
+        .await
+        .expect("sweep");
+    assert_eq!(again.orphans, 0, "{again:?}");
 }

@@ -191,8 +191,8 @@ impl RedisLedger {
                 Ok(Ok(())) => return Ok(Some(conn)),
                 Ok(Err(e)) if hops < 3 && e.kind() == ErrorKind::Server(ServerErrorKind::Moved) => {
                     hops += 1;
-                    if let Some((host, port)) = e.redirect_node() {
-                        candidates.insert(0, format!("redis://{host}:{port}"));
+                    if let Some((addr, _slot)) = e.redirect_node() {
+                        candidates.insert(0, format!("redis://{addr}"));
                     }
                 }
                 Ok(Err(e)) if did_not_run(&e) => return Ok(None),

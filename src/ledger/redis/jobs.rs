@@ -23,6 +23,7 @@ impl Link {
         let key = schema::job(&job.account_id, &job.job_id);
         let json = serde_json::to_string(job).map_err(|e| corrupt(&key, e))?;
         let keep = keep_ms.max(1);
+        self.ensure_lane(&job.account_id).await?;
         let () = self
             .cmd(
                 redis::cmd("SET")

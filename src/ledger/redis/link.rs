@@ -27,6 +27,8 @@ pub(super) struct Link {
     pub(super) repairs: Arc<Semaphore>,
     /// Transactions waiting for this connection's next coalesced `MULTI/EXEC`.
     pub(super) waiting: Arc<Mutex<Vec<Waiting>>>,
+    /// The lanes (cluster slots) this process has put on `cg:lanes`.
+    pub(super) lanes_known: Arc<Mutex<std::collections::HashSet<u16>>>,
     /// How long usage history is kept (ms): `billing.usage_retention_days`.
     pub(super) usage_keep_ms: i64,
 }
@@ -55,7 +57,9 @@ impl Link {
     }
 
     /// Puts an account's lane on the walkers' list (`SADD cg:lanes <slot>`), on a cluster,
-    /// before anything of the account is written.
+    /// before anything of the account is written. Each process does it once per lane (at most
+    /// 16384 times in its life): account creation always, the reservations when this process
+    /// has not registered the lane yet (an account made by another instance or version).
     pub(super) async fn register_lane(&self, account_id: &str) -> StoreResult<()> {
         let Some(slot) = self.lane(account_id).slot() else {
             return Ok(());
@@ -63,7 +67,26 @@ impl Link {
         let _: i64 = self
             .cmd(redis::cmd("SADD").arg(crate::ledger::lane::LANES).arg(slot))
             .await?;
+        if let Ok(mut known) = self.lanes_known.lock() {
+            known.insert(slot);
+        }
         Ok(())
+    }
+
+    /// [`Link::register_lane`] unless this process did already.
+    pub(super) async fn ensure_lane(&self, account_id: &str) -> StoreResult<()> {
+        let Some(slot) = self.lane(account_id).slot() else {
+            return Ok(());
+        };
+        let known = self
+            .lanes_known
+            .lock()
+            .map(|known| known.contains(&slot))
+            .unwrap_or(false);
+        match known {
+            true => Ok(()),
+            false => self.register_lane(account_id).await,
+        }
     }
 
     /// How long a caller waits for a call with its retries at most.

@@ -281,6 +281,7 @@ impl RedisLedger {
                     wait_replicas: self.wait_replicas,
                     repairs: self.repairs.clone(),
                     waiting: Arc::default(),
+                    lanes_known: Arc::default(),
                     usage_keep_ms: self.usage_keep_ms,
                 })
             })
@@ -716,6 +717,7 @@ impl Ledger for RedisLedger {
 
     async fn reserve_credits(&self, r: &CreditReservation) -> StoreResult<CreditReserveOutcome> {
         let link = self.link().await?;
+        link.ensure_lane(&r.account_id).await?;
         let bal = schema::balance(&r.account_id, &r.bucket.id);
         let rsv = schema::reservation(&r.account_id, &r.reservation_id);
         let amount = int(r.amount);
@@ -799,6 +801,7 @@ impl Ledger for RedisLedger {
 
     async fn reserve_spend(&self, r: &SpendReservation) -> StoreResult<SpendReserveOutcome> {
         let link = self.link().await?;
+        link.ensure_lane(&r.account_id).await?;
         let spend = schema::spend(&r.account_id, &r.month);
         let rsv = schema::reservation(&r.account_id, &r.reservation_id);
         let amount = int(r.amount_micro);
