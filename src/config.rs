@@ -465,12 +465,6 @@ impl Config {
                 "needs store.backend = \"redis\"".into(),
             ));
         }
-        if self.store.cluster && self.alerts.enabled {
-            p.push((
-                "alerts.enabled".into(),
-                "low-balance alerts are not available on Redis Cluster yet (store.cluster = true): their outbox is one stream".into(),
-            ));
-        }
         if self.store.wait_replicas > 16 {
             p.push((
                 "store.wait_replicas".into(),

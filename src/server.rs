@@ -239,8 +239,8 @@ fn alert_outbox(cfg: &Config) -> Result<Option<Arc<AlertOutbox>>, StartError> {
             "alerts.enabled needs store.backend = \"redis\" (the outbox is a Redis stream)".into(),
         ));
     }
-    AlertOutbox::new(
-        &cfg.store.url,
+    AlertOutbox::for_store(
+        crate::ledger::StoreNodes::from_config(&cfg.store),
         Duration::from_millis(cfg.store.command_timeout_ms.max(1000)),
     )
     .map(|o| Some(Arc::new(o)))
@@ -262,7 +262,12 @@ fn alert_delivery(gw: &Gateway) -> Result<Option<AlertDelivery>, StartError> {
                 cfg.alerts.secret_env
             ))
         })?;
-    AlertDelivery::new(&cfg.store.url, &cfg.alerts, &secret, gw.clock.clone())
-        .map(Some)
-        .map_err(StartError::Alerts)
+    AlertDelivery::for_store(
+        crate::ledger::StoreNodes::from_config(&cfg.store),
+        &cfg.alerts,
+        &secret,
+        gw.clock.clone(),
+    )
+    .map(Some)
+    .map_err(StartError::Alerts)
 }

@@ -19,6 +19,11 @@
 //! jitter (`backoff_min` … `backoff_max`) and tries the same entry again; it stays pending,
 //! nothing is lost (`retried`). Entries are sent one at a time, in stream order.
 //!
+//! On a Redis Cluster each account's alerts go to its lane's stream (`cg:{<lane>}:alerts`, in
+//! the account's slot, so the claim and the entry stay one `MULTI`; see
+//! [`lane`](crate::ledger::lane)): the worker walks the lanes in use and treats each stream as
+//! the one above, polling without `BLOCK` (one connection serves every lane).
+//!
 //! A receiver sees an alert at least once: a crash between its 2xx and the `XACK` sends it
 //! again after the take-over, with the same `id`, which is the receiver's de-duplication key.
 
@@ -33,7 +38,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::RedisError;
 use tokio::sync::watch;
@@ -41,7 +45,8 @@ use tokio::time::Instant;
 
 use super::{metrics, Alert, AlertsConfig};
 use crate::clock::SharedClock;
-use crate::ledger::schema;
+use crate::ledger::lane::Lane;
+use crate::ledger::{schema, StoreConn, StoreNodes};
 
 /// The header carrying the signature: `t=<unix seconds>,v1=<hex HMAC-SHA256>`.
 pub const SIGNATURE_HEADER: &str = "Creditgate-Signature";
@@ -83,7 +88,7 @@ impl DeliverySettings {
 
 /// The background worker that POSTs alerts.
 pub struct AlertDelivery {
-    client: redis::Client,
+    nodes: StoreNodes,
     http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     url: http::Uri,
     secret: String,
@@ -121,10 +126,20 @@ impl AlertDelivery {
         secret: &str,
         clock: SharedClock,
     ) -> Result<Self, String> {
+        Self::for_store(StoreNodes::new(redis_url, false), config, secret, clock)
+    }
+
+    /// [`AlertDelivery::new`] for a store given by its nodes (one, or a cluster's seeds).
+    pub fn for_store(
+        nodes: StoreNodes,
+        config: &AlertsConfig,
+        secret: &str,
+        clock: SharedClock,
+    ) -> Result<Self, String> {
         if secret.is_empty() {
             return Err("the alert signing secret is empty".into());
         }
-        let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
+        nodes.validate().map_err(|e| e.to_string())?;
         let url: http::Uri = config
             .url
             .parse()
@@ -141,7 +156,7 @@ impl AlertDelivery {
             .build(connector);
         metrics::register();
         Ok(Self {
-            client,
+            nodes,
             http,
             url,
             secret: secret.to_string(),
@@ -153,17 +168,20 @@ impl AlertDelivery {
     /// Runs until `shutdown` turns true. Entries in flight stay pending for the next worker.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
         let s = &self.settings;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(s.command_timeout))
-            .set_response_timeout(Some(s.command_timeout + s.block))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(1000))
-            .set_number_of_retries(3);
-        let conn = match ConnectionManager::new_lazy_with_config(self.client.clone(), config) {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::error!(error = %e, "alert delivery cannot use the store; not started");
-                return;
+        let conn = loop {
+            match self.nodes.connect(s.command_timeout).await {
+                Ok(conn) => break conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "alert delivery cannot reach the store yet");
+                    tokio::select! {
+                        _ = tokio::time::sleep(MAX_STORE_PAUSE) => {}
+                        changed = shutdown.changed() => {
+                            if changed.is_err() || *shutdown.borrow() {
+                                return;
+                            }
+                        }
+                    }
+                }
             }
         };
         tracing::info!(consumer = %s.consumer, url = %self.url, "alert delivery started");
@@ -173,7 +191,8 @@ impl AlertDelivery {
             held: VecDeque::new(),
             failures: 0,
             store_failures: 0,
-            group_ready: false,
+            lanes: Vec::new(),
+            groups: std::collections::HashSet::new(),
             next_claim: Instant::now(),
             next_gauges: Instant::now(),
         };
@@ -197,7 +216,7 @@ impl AlertDelivery {
                 }
                 Err(e) => {
                     if e.code() == Some("NOGROUP") {
-                        w.group_ready = false;
+                        w.groups.clear();
                     }
                     w.store_failures = w.store_failures.saturating_add(1);
                     let pause = self.backoff(w.store_failures).min(MAX_STORE_PAUSE);
@@ -277,6 +296,8 @@ impl pingora::services::background::BackgroundService for AlertDelivery {
 
 /// An entry this worker owns (in its pending list) and has not finished.
 struct Held {
+    /// The lane whose stream holds it.
+    lane: Lane,
     id: String,
     fields: HashMap<String, String>,
     touched: Instant,
@@ -284,11 +305,14 @@ struct Held {
 
 struct Worker<'a> {
     d: &'a AlertDelivery,
-    conn: ConnectionManager,
+    conn: StoreConn,
     held: VecDeque<Held>,
     failures: u32,
     store_failures: u32,
-    group_ready: bool,
+    /// The lanes walked (read again every step).
+    lanes: Vec<Lane>,
+    /// Lanes whose consumer group exists and whose own pending entries were read back.
+    groups: std::collections::HashSet<Lane>,
     next_claim: Instant,
     next_gauges: Instant,
 }
@@ -297,29 +321,45 @@ impl Worker<'_> {
     /// One step; answers how long to pause before the next (after a failed POST).
     async fn step(&mut self) -> Result<Option<Duration>, RedisError> {
         let s = &self.d.settings;
-        if !self.group_ready {
-            self.create_group().await?;
-            self.group_ready = true;
-            // Our own entries from before a restart with the same name (none otherwise).
-            self.read(">", false).await?;
-            self.read("0", false).await?;
+        self.lanes = self.conn.lanes().await?;
+        for lane in self.lanes.clone() {
+            if !self.groups.contains(&lane) {
+                self.create_group(lane).await?;
+                // Our own entries from before a restart with the same name (none otherwise).
+                self.read(lane, ">", false).await?;
+                self.read(lane, "0", false).await?;
+                self.groups.insert(lane);
+            }
         }
         let now = Instant::now();
         if now >= self.next_gauges {
-            let len: u64 = redis::cmd("XLEN")
-                .arg(schema::ALERTS)
-                .query_async(&mut self.conn)
-                .await?;
+            let mut len = 0u64;
+            for lane in self.lanes.clone() {
+                let n: u64 = redis::cmd("XLEN")
+                    .arg(lane.alerts())
+                    .query_async(&mut self.conn)
+                    .await?;
+                len = len.saturating_add(n);
+            }
             metrics::set_backlog(len);
             self.next_gauges = now + s.gauges_every;
         }
         if now >= self.next_claim {
-            self.claim_stale().await?;
+            for lane in self.lanes.clone() {
+                self.claim_stale(lane).await?;
+            }
             self.next_claim = now + s.claim_every;
         }
         if self.held.is_empty() {
-            self.read(">", true).await?;
-            return Ok(None);
+            if !self.conn.is_cluster() {
+                self.read(Lane::SINGLE, ">", true).await?;
+                return Ok(None);
+            }
+            // One connection serves every lane: poll them, never block on one.
+            for lane in self.lanes.clone() {
+                self.read(lane, ">", false).await?;
+            }
+            return Ok(self.held.is_empty().then_some(s.block));
         }
         self.attempt_front().await
     }
@@ -330,6 +370,7 @@ impl Worker<'_> {
             return Ok(None);
         };
         let id = front.id.clone();
+        let lane = front.lane;
         let fresh = front.touched.elapsed() < s.claim_idle / 2;
         let min_idle = if fresh {
             0
@@ -337,7 +378,7 @@ impl Worker<'_> {
             u64::try_from(s.claim_idle.as_millis()).unwrap_or(u64::MAX)
         };
         let owned: Vec<String> = redis::cmd("XCLAIM")
-            .arg(schema::ALERTS)
+            .arg(lane.alerts())
             .arg(schema::ALERTS_GROUP)
             .arg(&s.consumer)
             .arg(min_idle)
@@ -359,7 +400,7 @@ impl Worker<'_> {
         };
         let Some(alert) = Alert::from_fields(&fields) else {
             tracing::error!(entry = %id, "alert outbox entry unreadable; dropped");
-            self.finish(&id, None).await?;
+            self.finish(lane, &id, None).await?;
             metrics::count("duplicate");
             return Ok(None);
         };
@@ -369,14 +410,14 @@ impl Worker<'_> {
             .query_async(&mut self.conn)
             .await?;
         if holder.as_deref().is_some_and(|h| h != alert.id) {
-            self.finish(&id, None).await?;
+            self.finish(lane, &id, None).await?;
             metrics::count("duplicate");
             return Ok(None);
         }
         match self.d.send(&alert).await {
             Ok(()) => {
                 self.failures = 0;
-                self.finish(&id, Some((&claim, &alert.id))).await?;
+                self.finish(lane, &id, Some((&claim, &alert.id))).await?;
                 metrics::count("delivered");
                 tracing::info!(account = %alert.account, threshold = alert.threshold,
                     kind = alert.kind.as_str(), "low-balance alert delivered");
@@ -396,6 +437,7 @@ impl Worker<'_> {
     /// Acknowledges and removes the entry; after a delivery also marks the claim delivered.
     async fn finish(
         &mut self,
+        lane: Lane,
         id: &str,
         delivered: Option<(&str, &str)>,
     ) -> Result<(), RedisError> {
@@ -410,20 +452,20 @@ impl Worker<'_> {
                 .ignore();
         }
         p.cmd("XACK")
-            .arg(schema::ALERTS)
+            .arg(lane.alerts())
             .arg(schema::ALERTS_GROUP)
             .arg(id)
             .ignore();
-        p.cmd("XDEL").arg(schema::ALERTS).arg(id).ignore();
+        p.cmd("XDEL").arg(lane.alerts()).arg(id).ignore();
         let () = p.query_async(&mut self.conn).await?;
         self.held.pop_front();
         Ok(())
     }
 
-    async fn create_group(&mut self) -> Result<(), RedisError> {
+    async fn create_group(&mut self, lane: Lane) -> Result<(), RedisError> {
         let created: Result<(), RedisError> = redis::cmd("XGROUP")
             .arg("CREATE")
-            .arg(schema::ALERTS)
+            .arg(lane.alerts())
             .arg(schema::ALERTS_GROUP)
             .arg("0")
             .arg("MKSTREAM")
@@ -437,7 +479,7 @@ impl Worker<'_> {
     }
 
     /// `XREADGROUP` from `start` (`>` new entries, `0` our own pending ones).
-    async fn read(&mut self, start: &str, block: bool) -> Result<(), RedisError> {
+    async fn read(&mut self, lane: Lane, start: &str, block: bool) -> Result<(), RedisError> {
         let s = &self.d.settings;
         let mut c = redis::cmd("XREADGROUP");
         c.arg("GROUP")
@@ -449,22 +491,22 @@ impl Worker<'_> {
             c.arg("BLOCK")
                 .arg(u64::try_from(s.block.as_millis()).unwrap_or(1000));
         }
-        c.arg("STREAMS").arg(schema::ALERTS).arg(start);
+        c.arg("STREAMS").arg(lane.alerts()).arg(start);
         let reply: Option<StreamReadReply> = c.query_async(&mut self.conn).await?;
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for entry in key.ids {
-                self.hold(entry);
+                self.hold(lane, entry);
             }
         }
         Ok(())
     }
 
     /// `XAUTOCLAIM` of entries pending longer than `claim_idle` (a dead instance's).
-    async fn claim_stale(&mut self) -> Result<(), RedisError> {
+    async fn claim_stale(&mut self, lane: Lane) -> Result<(), RedisError> {
         let s = &self.d.settings;
         let idle_ms = u64::try_from(s.claim_idle.as_millis()).unwrap_or(u64::MAX);
         let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-            .arg(schema::ALERTS)
+            .arg(lane.alerts())
             .arg(schema::ALERTS_GROUP)
             .arg(&s.consumer)
             .arg(idle_ms)
@@ -474,13 +516,17 @@ impl Worker<'_> {
             .query_async(&mut self.conn)
             .await?;
         for entry in reply.claimed {
-            self.hold(entry);
+            self.hold(lane, entry);
         }
         Ok(())
     }
 
-    fn hold(&mut self, entry: StreamId) {
-        if let Some(h) = self.held.iter_mut().find(|h| h.id == entry.id) {
+    fn hold(&mut self, lane: Lane, entry: StreamId) {
+        if let Some(h) = self
+            .held
+            .iter_mut()
+            .find(|h| h.id == entry.id && h.lane == lane)
+        {
             h.touched = Instant::now();
             return;
         }
@@ -494,6 +540,7 @@ impl Worker<'_> {
             })
             .collect();
         self.held.push_back(Held {
+            lane,
             id: entry.id,
             fields,
             touched: Instant::now(),

@@ -3,7 +3,7 @@
 //! after the reservation answered); read by [`super::delivery`].
 //!
 //! One `MULTI/EXEC` holds both writes: `SET cg:{a:<id>}:alert:<period>:<p> <token> NX` (the
-//! claim; it lives as long as the period can still be spent in) and `XADD cg:alerts * …
+//! claim; it lives as long as the period can still be spent in) and `XADD <lane>alerts * …
 //! token <token>`. Either both happen or neither, so a crash can neither lose a claimed alert
 //! nor leave an entry without its claim. `XADD` runs whatever `SET NX` answered: a second
 //! crossing in the same period (a refund lifted the balance back over the threshold, another
@@ -14,12 +14,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
 use tokio::sync::{OnceCell, Semaphore};
 
 use super::{metrics, Alert};
-use crate::ledger::schema;
+use crate::ledger::lane::Lane;
+use crate::ledger::{schema, StoreConn, StoreNodes};
 
 /// Alert writes waiting at once at most; more are dropped (counted `record_failed`).
 const MAX_PENDING: usize = 1024;
@@ -28,9 +28,9 @@ const ATTEMPTS: u32 = 5;
 
 /// The writer of the alert outbox. Cheap to share.
 pub struct AlertOutbox {
-    client: redis::Client,
+    nodes: StoreNodes,
     /// Made on first use (inside the runtime; the writer is built before it runs).
-    conn: OnceCell<ConnectionManager>,
+    conn: OnceCell<StoreConn>,
     timeout: Duration,
     pending: Arc<Semaphore>,
 }
@@ -46,10 +46,15 @@ impl std::fmt::Debug for AlertOutbox {
 impl AlertOutbox {
     /// A writer to the Redis at `url`; connects on first use.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        Self::for_store(StoreNodes::new(url, false), timeout)
+    }
+
+    /// [`AlertOutbox::new`] for a store given by its nodes (one, or a cluster's seeds).
+    pub fn for_store(nodes: StoreNodes, timeout: Duration) -> Result<Self, String> {
+        nodes.validate().map_err(|e| e.to_string())?;
         metrics::register();
         Ok(Self {
-            client,
+            nodes,
             conn: OnceCell::new(),
             timeout,
             pending: Arc::new(Semaphore::new(MAX_PENDING)),
@@ -107,20 +112,18 @@ impl AlertOutbox {
         if let Some(until) = alert.claim_until_ms {
             set.arg("PXAT").arg(until);
         }
+        // The account's lane: the claim's slot on a cluster, `cg:alerts` on a single node.
         p.cmd("XADD")
-            .arg(schema::ALERTS)
+            .arg(Lane::of_account(self.nodes.is_cluster(), &alert.account).alerts())
             .arg("*")
             .arg(alert.fields());
         let mut conn = self
             .conn
             .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_min_delay(Duration::from_millis(50))
-                    .set_max_delay(Duration::from_millis(500))
-                    .set_number_of_retries(3);
-                ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+                tokio::time::timeout(self.timeout * 5, self.nodes.connect(self.timeout))
+                    .await
+                    .map_err(|_| "store connection timed out".to_string())?
+                    .map_err(|e| e.to_string())
             })
             .await
             .map_err(|e| e.to_string())?
