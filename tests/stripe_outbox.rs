@@ -596,3 +596,133 @@ async fn entries_survive_a_redis_restart() {
     let rids: Vec<String> = (0..3).map(|i| format!("durable-{i}")).collect();
     assert_delivered_once(&s.fake, &rids);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Redis Cluster
+
+/// An account id whose keys live on the master at `port`.
+fn account_on(cluster: &support::RedisCluster, port: u16, prefix: &str) -> String {
+    (0..10_000)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| cluster.master_of_key(&format!("cg:{{a:{id}}}:acct")) == port)
+        .unwrap_or_else(|| panic!("no account id lands on master {port}"))
+}
+
+/// One reported pay-per-use charge of `account` through `ledger`.
+async fn cluster_charge(ledger: &RedisLedger, clock: &FakeClock, account: &str, rid: &str) {
+    let now = clock.now_ms();
+    let r = SpendReservation {
+        account_id: account.into(),
+        reservation_id: rid.into(),
+        month: period::month_key(now),
+        limit_micro: u64::MAX / 2,
+        amount_micro: 54_000,
+        meta: ChargeMeta {
+            operation: "product-enhancement".into(),
+            model: "nano-banana-pro".into(),
+            quantity: 1,
+            unit_amount: 54_000,
+            catalog_version: 1,
+            created_ms: now,
+        },
+        report: Some(StripeReport {
+            customer_id: CUSTOMER.into(),
+            value: 54_000,
+        }),
+        record_ttl_ms: 7 * 24 * 3600 * 1000,
+        lease_until_ms: now + 24 * 3600 * 1000,
+    };
+    assert!(matches!(
+        ledger.reserve_spend(&r).await.expect("store answers"),
+        SpendReserveOutcome::Reserved { .. }
+    ));
+    assert_eq!(
+        ledger.settle(account, rid, 0).await.expect("settles"),
+        SettleOutcome::Settled
+    );
+}
+
+/// On a Redis Cluster each account's charges go to its lane's outbox, in its slot. Two workers
+/// walk every lane and deliver each charge exactly once — also the charges of an account whose
+/// slot (with its outbox, pending entries and consumer group) moved to another master while
+/// they were being delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_every_lane_is_delivered_once_also_across_a_reshard() {
+    let cluster = Arc::new(support::RedisCluster::start());
+    let seeds = cluster.seed_url();
+    let ledger = RedisLedger::new_cluster(&seeds, Duration::from_millis(500)).expect("seeds");
+    let clock = Arc::new(FakeClock::at(T0_MS));
+    let fake = FakeStripe::start_with_clock(clock.clone()).await;
+    let masters = cluster.masters();
+    assert_eq!(masters.len(), 3);
+    let accounts: Vec<String> = masters
+        .iter()
+        .map(|m| account_on(&cluster, m.port, "ppu"))
+        .collect();
+    let mut rids = Vec::new();
+    for (a, account) in accounts.iter().enumerate() {
+        for i in 0..10 {
+            let rid = format!("c{a}-{i}");
+            cluster_charge(&ledger, &clock, account, &rid).await;
+            rids.push(rid);
+        }
+    }
+    assert_eq!(ledger.outbox_len().await.expect("outbox"), 30);
+
+    let config = StripeConfig {
+        enabled: true,
+        api_base: fake.api_base(),
+        meter_event_name: METER.into(),
+        ..StripeConfig::default()
+    };
+    fake.set_delay(Duration::from_millis(30));
+    let mut workers = Vec::new();
+    for consumer in ["w1", "w2"] {
+        let clock: SharedClock = clock.clone();
+        let reporter = StripeReporter::for_store(
+            creditgate::ledger::StoreNodes::new(&seeds, true),
+            &config,
+            SECRET_KEY,
+            clock,
+        )
+        .expect("reporter builds")
+        .with_settings(test_settings(consumer));
+        let stats = reporter.stats();
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(async move { reporter.run(shutdown).await });
+        workers.push(Running { stop, task, stats });
+    }
+    // Move the first account's slot to the next master while its charges are delivered, and
+    // charge it more meanwhile.
+    let moving = accounts[0].clone();
+    let slot = support::cluster::key_slot(&format!("cg:{{a:{moving}}}:acct"));
+    let (from, to) = (masters[0].port, masters[1].port);
+    let mover = {
+        let cluster = cluster.clone();
+        tokio::task::spawn_blocking(move || cluster.reshard(from, to, &[slot]))
+    };
+    for i in 10..20 {
+        let rid = format!("c0-{i}");
+        cluster_charge(&ledger, &clock, &moving, &rid).await;
+        rids.push(rid);
+    }
+    mover.await.expect("reshard");
+    assert_eq!(
+        cluster.master_of_key(&format!("cg:{{a:{moving}}}:acct")),
+        to
+    );
+
+    let want = rids.len();
+    eventually("every charge delivered", || async {
+        fake.accepted().len() >= want
+    })
+    .await;
+    eventually("every lane drained", || async {
+        ledger.outbox_len().await.ok() == Some(0)
+    })
+    .await;
+    for w in workers {
+        w.stop().await;
+    }
+    assert_delivered_once(&fake, &rids);
+}

@@ -52,7 +52,7 @@ impl Link {
 
     /// The lanes in use (see [`StoreConn::lanes`]).
     pub(super) async fn lanes(&self) -> StoreResult<Vec<Lane>> {
-        self.attempt(|mut conn| async move { conn.lanes().await })
+        self.attempt(None, |mut conn| async move { conn.lanes().await })
             .await
     }
 
@@ -98,7 +98,9 @@ impl Link {
     /// 10 ms timer wheel: nothing is registered unless the call is still pending, and never a
     /// wake-up of the runtime's driver per call, as Tokio's timer does), again after an error
     /// that proves it did not run.
-    async fn attempt<T, F, Fut>(&self, mut call: F) -> StoreResult<T>
+    /// `key` is the call's first key: after a `MOVED` the cluster client is made to learn the
+    /// slot's new node from it ([`Link::relearn`]).
+    async fn attempt<T, F, Fut>(&self, key: Option<&[u8]>, mut call: F) -> StoreResult<T>
     where
         F: FnMut(StoreConn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
@@ -112,6 +114,9 @@ impl Link {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(e)) if tries < retry::ATTEMPTS && did_not_run(&e) => {
                     tracing::debug!(error = %e, attempt = tries, "store refused before running; retrying");
+                    if self.cluster() && retry::moved(&e) {
+                        self.relearn(key).await;
+                    }
                     tokio::time::sleep(retry::pause(tries)).await;
                 }
                 Ok(Err(e)) => return Err(unavailable(e)),
@@ -120,17 +125,41 @@ impl Link {
         }
     }
 
+    /// Makes the cluster client rebuild its slot map: a `MOVED` answered to a queued command of
+    /// a transaction does not, one answered to a single command does. `EXISTS key` (read-only,
+    /// its answer unused) is that single command.
+    async fn relearn(&self, key: Option<&[u8]>) {
+        let Some(key) = key else {
+            return;
+        };
+        let mut conn = self.conn.clone();
+        let probe = redis::cmd("EXISTS").arg(key).to_owned();
+        let _ = pingora::time::fast_timeout::fast_timeout(
+            self.timeout,
+            probe.query_async::<redis::Value>(&mut conn),
+        )
+        .await;
+    }
+
     /// One command, one round trip.
     pub(super) async fn cmd<T: FromRedisValue>(&self, cmd: &Cmd) -> StoreResult<T> {
-        self.attempt(|mut conn| async move { cmd.query_async(&mut conn).await })
-            .await
+        let key = first_key(cmd);
+        self.attempt(
+            key,
+            |mut conn| async move { cmd.query_async(&mut conn).await },
+        )
+        .await
     }
 
     /// One pipeline (a `MULTI/EXEC` when `atomic()`), one round trip. On a cluster every key of
     /// it must be in one slot.
     pub(super) async fn pipe<T: FromRedisValue>(&self, p: &Pipeline) -> StoreResult<T> {
-        self.attempt(|mut conn| async move { p.query_async(&mut conn).await })
-            .await
+        let key = p.cmd_iter().find_map(first_key);
+        self.attempt(
+            key,
+            |mut conn| async move { p.query_async(&mut conn).await },
+        )
+        .await
     }
 
     /// `GET` of each key, concurrently (the connection pipelines them; on a cluster each goes to
@@ -308,10 +337,15 @@ impl Link {
     }
 }
 
-/// The cluster slot of a command's key (its first argument after the name), when it has one.
-pub(super) fn first_key_slot(cmd: &Cmd) -> Option<u16> {
+/// A command's key (its first argument after the name), when it has one.
+fn first_key(cmd: &Cmd) -> Option<&[u8]> {
     match cmd.args_iter().nth(1)? {
-        redis::Arg::Simple(key) => Some(key_slot(key)),
+        redis::Arg::Simple(key) => Some(key),
         _ => None,
     }
+}
+
+/// The cluster slot of a command's key, when it has one.
+pub(super) fn first_key_slot(cmd: &Cmd) -> Option<u16> {
+    first_key(cmd).map(key_slot)
 }

@@ -38,6 +38,18 @@ pub(super) fn did_not_run(e: &RedisError) -> bool {
     }
 }
 
+/// Whether `e` says a slot is served by another node now: a `MOVED`, or one inside a
+/// transaction that was discarded for it. The cluster client learns of a `MOVED` answered to a
+/// single command by itself, but not of one answered to a queued command of a `MULTI`.
+pub(super) fn moved(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::Moved)
+        || e.clone().into_server_errors().is_some_and(|errors| {
+            errors
+                .iter()
+                .any(|(_, error)| error.kind() == Some(ServerErrorKind::Moved))
+        })
+}
+
 /// The pause before attempt `attempt` (1-based retries): 5, 10, 20, 40, 80 ms.
 pub(super) fn pause(attempt: u32) -> Duration {
     Duration::from_millis(5u64 << attempt.saturating_sub(1).min(4))
@@ -66,6 +78,13 @@ mod tests {
         ] {
             assert!(did_not_run(&server_error(resp)), "{resp}");
         }
+    }
+
+    #[test]
+    fn a_moved_slot_is_recognised() {
+        assert!(moved(&server_error("-MOVED 3999 127.0.0.1:6381\r\n")));
+        assert!(!moved(&server_error("-ASK 3999 127.0.0.1:6381\r\n")));
+        assert!(!moved(&server_error("-TRYAGAIN later\r\n")));
     }
 
     #[test]
