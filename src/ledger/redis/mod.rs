@@ -5,7 +5,8 @@
 //! The key layout is in [`schema`](super::schema).
 //!
 //! Files: this one maps each [`Ledger`] step onto commands; [`link`] is the connection and its
-//! shared transactions; [`guarded`] the account changes that depend on what they read;
+//! shared transactions; [`store`] one node or a cluster behind one connection type; [`retry`]
+//! which errors may be retried; [`guarded`] the account changes that depend on what they read;
 //! [`settlement`] the claim and its exactly-once refund; [`repair`] second steps brought to
 //! exactly one application (now or in the background); [`sweep`] the lease sweeper's walk;
 //! [`records`] encodes and decodes the stored hashes and JSON.
@@ -14,7 +15,7 @@
 //!
 //! [`RedisLedger::new`] only parses the URL (`redis://`, `rediss://` when the redis crate is
 //! built with TLS, `redis+unix://`). The connection is made on first use, inside the runtime of
-//! that first caller, by a [`ConnectionManager`] that reconnects by itself after the server
+//! that first caller, by a `ConnectionManager` that reconnects by itself after the server
 //! restarts (the first call after an outage may still fail; the next one reconnects). Every
 //! round trip runs under `command_timeout` ([`StoreError::Timeout`]) on Pingora's shared timer
 //! wheel (Tokio's timer woke the runtime's driver on every call); any Redis error is
@@ -102,12 +103,40 @@
 //!
 //! # Redis Cluster
 //!
-//! All money steps touch one account's slot, as do the key sequence and the slot claim of
-//! `insert_key`. Some steps also touch global keys and so need a single node (or a future split
-//! into ordered single-slot steps): the key records of `insert_key`/`revoke_key`/`active_keys`
-//! (`cg:key:*`, `cg:keyid:*`), the customer index written with an account change
-//! (`cg:customer:*`), the `XADD cg:outbox` of `reserve_spend` and the lease work lists
-//! (`cg:lease:*`) written with every reservation.
+//! `store.cluster = true` with `store.url` a comma-separated seed list uses redis-rs's cluster
+//! client ([`store`]), built with `retries(0)`: it never re-sends a `MULTI` whose answer was lost.
+//! - Every key of one money transaction shares the account's hash tag `{a:<id>}`; the work lists
+//!   written with it (lease lists, the Stripe outbox) are in the account's *lane*, a tag chosen to
+//!   hash to the same slot ([`lane`](super::lane)). The walkers (sweeper, Stripe outbox, alerts)
+//!   read the lanes in use from `cg:lanes` (added to before an account is created, and by each
+//!   process once per lane before its first reservation there) and walk each.
+//! - Shared transactions ([`link`]) group their callers by slot: one `MULTI/EXEC` per slot, sent
+//!   concurrently.
+//! - Steps that touch global keys (key records `cg:key:*`/`cg:keyid:*`, the customer index
+//!   `cg:customer:*`, the job index `cg:job:*`) write them as ordered single-key steps, each
+//!   order chosen so that a crash between two steps leaves nothing usable that should not be
+//!   (a key record is usable only once claimed in the account's zset; a refused key loses its
+//!   record first; a revoke marks the record first; indexes are written before what they point
+//!   at and checked against it on read). `active_keys` reads the records with one `GET` each.
+//! - Retries: only after an error that proves nothing ran (`MOVED`, `ASK`, `TRYAGAIN`,
+//!   `CLUSTERDOWN`, a transaction discarded for one of them; [`retry`]), up to 6 attempts with
+//!   5–80 ms pauses. A `MOVED` inside a transaction makes the client relearn the slot map. A
+//!   timeout or a lost connection after the send is ambiguous: the request fails closed (503,
+//!   nothing upstream) and the reservation is voided in the background against a claim stub that
+//!   a late landing merges into, or by the sweeper after its lease. No per-request marker: a
+//!   transaction is never sent twice unless the first provably did not run.
+//! - Guarded changes (`WATCH`) open their own connection to the master of the account's slot,
+//!   found by following `MOVED` from a seed; a cluster refusal there is a conflict (the caller
+//!   reads again).
+//! - Failover: while a master is down its slots answer errors (503, nothing served) until a
+//!   replica is promoted (`cluster-node-timeout` plus the election); then the client's slot map
+//!   follows and requests succeed again. Replication is asynchronous: a charge acknowledged by a
+//!   master that dies before its replica received it is lost (the customer was served and is not
+//!   charged; a refund likewise may be lost). `store.wait_replicas = N` sends `WAIT N <command
+//!   timeout>` after each money transaction (on the slot's master) and fails the request closed
+//!   when fewer than N replicas acknowledged: the charge then stands on the master and is voided
+//!   in the background like any unknown outcome. Its cost is one more round trip per shared
+//!   transaction (measured in the README).
 
 mod guarded;
 mod jobs;
