@@ -27,9 +27,14 @@
 #      open by a slow upstream (SLOW_MS per response), bare and creditgate;
 #   3. a streamed upload (UPLOAD_MB, application/octet-stream) through both, with peak RSS.
 #
+#   4. the Redis Cluster case (CLUSTER=1, the default): a local cluster of 3 masters + 3
+#      replicas (6 redis-servers on loopback ports, appendonly yes), creditgate on it with
+#      `store.cluster = true` — once as is, once with `store.wait_replicas = 1` — in the same
+#      rounds as the single-node cases, reported against the single-node creditgate (b).
+#
 # Everything it starts is stopped and its temp dir removed on exit (also on Ctrl-C).
 # Knobs (environment): THREADS=2 CONNS=32 WRK_THREADS=1 DURATION=10 WARMUP=2 ROUNDS=3
-# LIGHT_CONNS=1 INFLIGHT=2000 SLOW_MS=5000 UPLOAD_MB=50.
+# LIGHT_CONNS=1 INFLIGHT=2000 SLOW_MS=5000 UPLOAD_MB=50 CLUSTER=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -44,6 +49,7 @@ LIGHT_CONNS=${LIGHT_CONNS:-1}
 INFLIGHT=${INFLIGHT:-2000}
 SLOW_MS=${SLOW_MS:-5000}
 UPLOAD_MB=${UPLOAD_MB:-50}
+CLUSTER=${CLUSTER:-1}
 LUA=$PWD/scripts/load_wrk.lua
 
 cargo build --release --bin creditgate --example bare_proxy --example bare_tx_proxy \
@@ -92,6 +98,9 @@ cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 rss_kib() { awk '/^VmRSS/{print $2}' "/proc/$1/status"; }
 hwm_kib() { awk '/^VmHWM/{print $2}' "/proc/$1/status"; }
 TICKS=$(getconf CLK_TCK)
+# CPU of the Redis processes serving the case being measured (REDIS_PIDS: the single node's, or
+# the cluster's six).
+redis_ticks() { local p t=0; for p in $REDIS_PIDS; do t=$((t + $(cpu_ticks "$p"))); done; echo "$t"; }
 
 # The demo backend numbers its answers `job_<n>` with n = requests seen so far (this one
 # included): the upstream's request count, read without touching the gateway.
@@ -125,7 +134,8 @@ BARE_TX_BALANCE='bare:{a:load}:bal:period'
 BARE_TX_AMOUNT=8
 bare_tx_balance() { redis-cli -s "$work/redis.sock" GET "$BARE_TX_BALANCE"; }
 
-start_gateway() { # name port admin-port metrics-port upstream-port; sets LAST_PID
+start_gateway() { # name port admin-port metrics-port upstream-port [store toml]; sets LAST_PID
+  local store="${6:-url = \"redis+unix://$work/redis.sock\"}"
   cat >"$work/$1.toml" <<TOML
 [server]
 listen = "127.0.0.1:$2"
@@ -136,7 +146,7 @@ shutdown_grace_s = 1
 [upstream]
 address = "127.0.0.1:$5"
 [store]
-url = "redis+unix://$work/redis.sock"
+$(printf '%b' "$store")
 [rules]
 dir = "$work/rules"
 watch = false
@@ -161,6 +171,7 @@ redis-server --port 0 --unixsocket "$work/redis.sock" --unixsocketperm 700 \
   --save "" --appendonly yes --appendfsync everysec --maxmemory-policy noeviction \
   --dir "$work" --daemonize no >"$work/redis.log" 2>&1 &
 REDIS_PID=$!
+REDIS_PIDS=$REDIS_PID
 pids+=("$REDIS_PID")
 for _ in $(seq 1 200); do [ -S "$work/redis.sock" ] && break; sleep 0.05; done
 [ -S "$work/redis.sock" ] || { cat "$work/redis.log" >&2; exit 1; }
@@ -202,6 +213,53 @@ KEY_BAD=at_live_UnknownKeyForTheLoadBenchmark0123456789  # well-formed, never is
 for k in "$KEY_CREDITS" "$KEY_PPU" "$KEY_BROKE"; do
   [ -n "$k" ] || { echo "load: could not create API keys" >&2; exit 1; }
 done
+
+# ---------------------------------------------------------------------- 4. the Redis Cluster setup
+if [ "$CLUSTER" = 1 ]; then
+  cluster_ports=()
+  CLUSTER_PIDS=""
+  for _ in 1 2 3 4 5 6; do
+    # A node's cluster bus listens on its port + 10000: both must be free.
+    while :; do p=$(free_port); [ "$p" -lt 55000 ] && ! ss -Htln "sport = :$((p + 10000))" | grep -q . && break; done
+    mkdir -p "$work/cluster-$p"
+    redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes \
+      --cluster-config-file "$work/cluster-$p/nodes.conf" --cluster-node-timeout 2000 \
+      --save "" --appendonly yes --appendfsync everysec --maxmemory-policy noeviction \
+      --dir "$work/cluster-$p" --daemonize no >"$work/cluster-$p.log" 2>&1 &
+    pids+=($!)
+    CLUSTER_PIDS="$CLUSTER_PIDS $!"
+    cluster_ports+=("$p")
+  done
+  for p in "${cluster_ports[@]}"; do wait_port "$p"; done
+  redis-cli --cluster create $(printf '127.0.0.1:%s ' "${cluster_ports[@]}") --cluster-replicas 1 \
+    --cluster-yes >"$work/cluster-create.log" 2>&1 || { cat "$work/cluster-create.log" >&2; exit 1; }
+  for _ in $(seq 1 200); do
+    ok=1
+    for p in "${cluster_ports[@]}"; do
+      redis-cli -p "$p" cluster info | grep -q '^cluster_state:ok' || ok=0
+    done
+    [ "$ok" = 1 ] && break
+    sleep 0.1
+  done
+  [ "$ok" = 1 ] || { echo "load: the Redis Cluster did not come up" >&2; tail -n 20 "$work"/cluster-*.log >&2; exit 1; }
+  seeds="redis://127.0.0.1:${cluster_ports[0]},redis://127.0.0.1:${cluster_ports[1]},redis://127.0.0.1:${cluster_ports[2]}"
+  CGC=$(free_port) CGC_ADMIN=$(free_port) CGC_METRICS=$(free_port)
+  CGW=$(free_port) CGW_ADMIN=$(free_port) CGW_METRICS=$(free_port)
+  start_gateway creditgate-cluster "$CGC" "$CGC_ADMIN" "$CGC_METRICS" "$BACKEND" \
+    "url = \"$seeds\"\ncluster = true"
+  CGC_PID=$LAST_PID
+  start_gateway creditgate-cluster-wait "$CGW" "$CGW_ADMIN" "$CGW_METRICS" "$BACKEND" \
+    "url = \"$seeds\"\ncluster = true\nwait_replicas = 1"
+  CGW_PID=$LAST_PID
+  cadmin() { # method path [json]
+    curl -fsS -X "$1" -H "Authorization: Bearer $CREDITGATE_ADMIN_TOKEN" \
+      -H "Content-Type: application/json" "http://127.0.0.1:$CGC_ADMIN$2" ${3:+-d "$3"}
+  }
+  cadmin POST /admin/accounts '{"id":"load-credits","plan":"business","payPerUse":false}' >/dev/null
+  cadmin POST /admin/accounts/load-credits/credits '{"amount":100000000,"reason":"load test"}' >/dev/null
+  KEY_CLUSTER=$(cadmin POST /admin/accounts/load-credits/keys '{"name":"load"}' | sed -n 's/.*"key":"\([^"]*\)".*/\1/p')
+  [ -n "$KEY_CLUSTER" ] || { echo "load: could not create the cluster API key" >&2; exit 1; }
+fi
 
 BODY_CREDITS='{"model":"nano-banana-pro","n":1,"prompt":"a product photo on a marble table, soft window light"}'
 BODY_PPU='{"model":"midjourney-v7","n":1,"prompt":"a product photo on a marble table, soft window light"}'
@@ -264,10 +322,10 @@ run_case() { # label port pid method path key body expect [connections] [results
   if [ "$port" = "$BARE_TX" ]; then bal0=$(bare_tx_balance); fi
   up0=$(upstream_seen "$BACKEND")
   cpu0=$(cpu_ticks "$pid")
-  rcpu0=$(cpu_ticks "$REDIS_PID")
+  rcpu0=$(redis_ticks)
   out=$(env "${envs[@]}" wrk -t"$WRK_THREADS" -c"$conns" -d"${DURATION}s" -s "$LUA" "$url")
   cpu1=$(cpu_ticks "$pid")
-  rcpu1=$(cpu_ticks "$REDIS_PID")
+  rcpu1=$(redis_ticks)
   sleep 0.2
   up1=$(upstream_seen "$BACKEND")
   if [ "$port" = "$BARE_TX" ]; then
@@ -299,6 +357,12 @@ for round in $(seq 1 "$ROUNDS"); do
   run_case "(d) creditgate: GET /api/credits/balance" "$CG" "$CG_PID" GET /api/credits/balance "$KEY_CREDITS" "" 200
   run_case "(e) creditgate: 402 no credits, no pay-per-use" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_BROKE" "$BODY_CREDITS" 402
   run_case "(e) creditgate: 401 unknown key" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_BAD" "$BODY_CREDITS" 401
+  if [ "$CLUSTER" = 1 ]; then
+    REDIS_PIDS=$CLUSTER_PIDS
+    run_case "(f) creditgate on Redis Cluster (3+3): credits" "$CGC" "$CGC_PID" POST "$RELIGHT" "$KEY_CLUSTER" "$BODY_CREDITS" 200
+    run_case "(g) creditgate on Redis Cluster, wait_replicas = 1: credits" "$CGW" "$CGW_PID" POST "$RELIGHT" "$KEY_CLUSTER" "$BODY_CREDITS" 200
+    REDIS_PIDS=$REDIS_PID
+  fi
   # Added latency: the same billed request at light load (LIGHT_CONNS connections, so nothing
   # queues for a CPU), where the difference of the latencies is what the gateway adds.
   run_case "bare passthrough" "$BARE" "$BARE_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200 "$LIGHT_CONNS" "$work/light.tsv"
@@ -411,6 +475,12 @@ awk -F'\t' '
         ratio(cpu[i], cpu[b]), ratio(rps[i], rps[t]), ratio(cpu[i], cpu[t]),
         ratio(cpu[i] + rcpu[i], cpu[t] + rcpu[t]), ratio(p99[i], p99[t]), req[i], non2xx[i],
         sockerr[i], up[i]
+    for (i = 1; i <= NR; i++) if (label[i] ~ /^\(b\) /) cg = i
+    for (i = 1; i <= NR; i++) {
+      if (label[i] !~ /^\((f|g)\) /) continue
+      if (!shown++) { print ""; print "Redis Cluster against the single-node creditgate (b): req/s, p99" ; print "" }
+      printf "- %s: %s× req/s, %s× p99\n", label[i], ratio(rps[i], rps[cg]), ratio(p99[i], p99[cg])
+    }
     print ""
     print "Headline: creditgate against bare + 1 Redis tx (against bare in brackets)"
     print ""
