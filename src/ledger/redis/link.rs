@@ -190,24 +190,29 @@ impl Link {
     /// `store.wait_replicas` replicas when set.
     pub(super) async fn tx<T: FromRedisValue>(&self, p: &Pipeline) -> StoreResult<T> {
         let answer = self.pipe(p).await?;
-        let slot = p.cmd_iter().find_map(first_key_slot).unwrap_or_default();
-        self.replicated(slot).await?;
+        self.replicated(p.cmd_iter().find_map(first_key)).await?;
         Ok(answer)
     }
 
-    /// With `store.wait_replicas = N`: `WAIT N` on the master of `slot`, an error when fewer
-    /// replicas acknowledged this connection's writes within the command timeout (the write
-    /// stands on the master; the caller treats its outcome as unknown and fails closed).
-    async fn replicated(&self, slot: u16) -> StoreResult<()> {
+    /// With `store.wait_replicas = N`: `WAIT N` on the node the writes of `key`'s slot went to
+    /// ([`StoreConn::wait_replicas`]), an error when fewer replicas acknowledged this
+    /// connection's writes within the command timeout (the write stands on the master; the
+    /// caller treats its outcome as unknown and fails closed).
+    async fn replicated(&self, key: Option<&[u8]>) -> StoreResult<()> {
         let n = self.wait_replicas;
         if n == 0 {
             return Ok(());
         }
+        let Some(key) = key else {
+            return Err(StoreError::Unavailable(
+                "a write without a key cannot be acknowledged by replicas".into(),
+            ));
+        };
         let wait_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
         let mut conn = self.conn.clone();
         let acked = match pingora::time::fast_timeout::fast_timeout(
             self.timeout + Duration::from_millis(50),
-            conn.wait_replicas(slot, n, wait_ms),
+            conn.wait_replicas(key, n, wait_ms),
         )
         .await
         {
@@ -264,7 +269,7 @@ impl Link {
             Err(_) => return,
         };
         if !self.cluster() {
-            return self.flush_slot(0, batch).await;
+            return self.flush_slot(batch).await;
         }
         let mut slots: Vec<(u16, Vec<Waiting>)> = Vec::new();
         for w in batch {
@@ -275,14 +280,14 @@ impl Link {
             }
         }
         // Each slot's transaction on its own task, so the slots' nodes answer concurrently.
-        for (slot, group) in slots {
+        for (_, group) in slots {
             let link = self.clone();
-            tokio::spawn(async move { link.flush_slot(slot, group).await });
+            tokio::spawn(async move { link.flush_slot(group).await });
         }
     }
 
     /// One `MULTI/EXEC` of the transactions of one slot.
-    async fn flush_slot(&self, slot: u16, batch: Vec<Waiting>) {
+    async fn flush_slot(&self, batch: Vec<Waiting>) {
         let mut p = redis::pipe();
         p.atomic().ignore_errors();
         let mut shares = Vec::with_capacity(batch.len());
@@ -307,7 +312,10 @@ impl Link {
             }
         };
         let answer = match self.pipe::<Vec<Value>>(&p).await {
-            Ok(values) => self.replicated(slot).await.map(|()| values),
+            Ok(values) => self
+                .replicated(p.cmd_iter().find_map(first_key))
+                .await
+                .map(|()| values),
             Err(e) => Err(e),
         };
         match answer {

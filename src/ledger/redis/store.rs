@@ -15,7 +15,6 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
 use crate::config::StoreConfig;
@@ -138,26 +137,22 @@ impl StoreConn {
         matches!(self, StoreConn::Cluster(_))
     }
 
-    /// `WAIT replicas timeout_ms` on the master of `slot` (the node the last writes of that slot
-    /// went to on this connection): how many replicas acknowledged them.
+    /// `WAIT replicas timeout_ms` on the connection the last writes of `key`'s slot went to:
+    /// how many replicas acknowledged them. Sent as one pipeline `EXISTS key; WAIT …`, routed by
+    /// the key: should the cluster client fall back to another node (the slot's master not
+    /// connected yet after a failover), `EXISTS` answers `MOVED` there and the whole call is an
+    /// error, never a `WAIT` of a node that saw none of the writes (which answers at once).
     pub async fn wait_replicas(
         &mut self,
-        slot: u16,
+        key: &[u8],
         replicas: u8,
         timeout_ms: u64,
     ) -> Result<i64, RedisError> {
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(replicas).arg(timeout_ms);
-        match self {
-            StoreConn::Single(conn) => cmd.query_async(conn).await,
-            StoreConn::Cluster(conn) => {
-                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                    Route::new(slot, SlotAddr::Master),
-                ));
-                let value = conn.route_command(cmd, routing).await?;
-                redis::from_redis_value(value).map_err(RedisError::from)
-            }
-        }
+        let mut p = redis::pipe();
+        p.cmd("EXISTS").arg(key).ignore();
+        p.cmd("WAIT").arg(replicas).arg(timeout_ms);
+        let (acked,): (i64,) = p.query_async(self).await?;
+        Ok(acked)
     }
 
     /// The lanes whose work lists the walkers (sweeper, Stripe outbox) read: the single node's,
