@@ -556,7 +556,10 @@ async fn two_gateways_on_a_cluster_are_exact() {
     let expected_ok = STARTER_CREDITS / RELIGHT_CREDITS;
     for (i, a) in accounts.iter().enumerate() {
         let t = &tallies[i];
-        eprintln!("{} (slot {}, master {}): {t:?}", a.id, a.slot, a.master);
+        eprintln!(
+            "{} (slot {}, master {}): {} ok, {} refused, {} unavailable",
+            a.id, a.slot, a.master, t.ok, t.refused, t.unavailable
+        );
         assert!(t.unexpected.is_empty(), "{}: {:?}", a.id, t.unexpected);
         assert_eq!(
             t.unavailable, 0,
@@ -611,35 +614,39 @@ async fn reshard_under_load(
         keys.push(billing.create(gateways[0], &a.id).await);
     }
     let masters: Vec<u16> = cluster.masters().iter().map(|m| m.port).collect();
-    let moves: Vec<(u16, u16, u16)> = accounts
-        .iter()
-        .map(|a| {
-            let at = masters.iter().position(|&m| m == a.master).unwrap();
-            (a.slot, a.master, masters[(at + 1) % masters.len()])
-        })
-        .collect();
     // Requests take a while upstream, so holds are open while their keys move.
     backend.set_behaviour(Behaviour {
         delay: Duration::from_millis(50),
         ..Behaviour::default()
     });
+    // While the load runs, round after round every account's slot moves (with its keys) to
+    // the next master: at least one whole round, and on until the load is sent.
     let moved = Arc::new(AtomicBool::new(false));
+    let load_sent = Arc::new(AtomicBool::new(false));
     let resharder = {
         let moved = moved.clone();
-        let moves = moves.clone();
+        let load_sent = load_sent.clone();
+        let mut owners: Vec<(u16, u16)> = accounts.iter().map(|a| (a.slot, a.master)).collect();
         tokio::task::spawn_blocking(move || {
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(Duration::from_millis(100));
             let started = Instant::now();
-            for &(slot, from, to) in &moves {
-                cluster.reshard(from, to, &[slot]);
+            let mut rounds = 0;
+            while rounds == 0 || !load_sent.load(Ordering::SeqCst) {
+                for (slot, owner) in owners.iter_mut() {
+                    let at = masters.iter().position(|m| m == owner).unwrap();
+                    let to = masters[(at + 1) % masters.len()];
+                    cluster.reshard(*owner, to, &[*slot]);
+                    *owner = to;
+                }
+                rounds += 1;
+                moved.store(true, Ordering::SeqCst);
             }
             eprintln!(
-                "reshard: {} slots moved in {:?}",
-                moves.len(),
+                "reshard: {rounds} rounds of {} slot moves in {:?}",
+                owners.len(),
                 started.elapsed()
             );
-            moved.store(true, Ordering::SeqCst);
-            cluster
+            (cluster, owners, rounds)
         })
     };
     let mut tasks = Vec::new();
@@ -658,7 +665,9 @@ async fn reshard_under_load(
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    let cluster = resharder.await.expect("resharder");
+    load_sent.store(true, Ordering::SeqCst);
+    let (cluster, owners, rounds) = resharder.await.expect("resharder");
+    assert!(rounds >= 1);
     let mut shots = Vec::new();
     for t in tasks {
         shots.push(t.await.expect("request task"));
@@ -684,8 +693,13 @@ async fn reshard_under_load(
     let expected_ok = billing.budget() / billing.cost();
     for (i, a) in accounts.iter().enumerate() {
         let t = &tallies[i];
-        let &(slot, _, to) = &moves[i];
-        assert_eq!(cluster.master_of_slot(slot), to, "{}: its slot moved", a.id);
+        let (slot, owner) = owners[i];
+        assert_eq!(
+            cluster.master_of_slot(slot),
+            owner,
+            "{}: its slot moved",
+            a.id
+        );
         assert!(t.unexpected.is_empty(), "{}: {:?}", a.id, t.unexpected);
         assert_eq!(t.ok_without_charge, 0, "{}: {t:?}", a.id);
         assert_eq!(t.ok, expected_ok, "{}: ⌊B/c⌋ successes: {t:?}", a.id);
