@@ -1137,5 +1137,45 @@ async fn readyz_reports_cluster_state() {
     let r = retry_503(|| gw.generate(&keys[1], "/api/v1/images/relight", Billing::Credits.body()))
         .await;
     assert_eq!(r.header("X-Credits-Charged"), Some("3"));
+
+    // A master and its replica killed for good: the surviving nodes answer at once, and say
+    // cluster_state:fail; /readyz says so (not only that a node timed out).
+    let mut cluster = cluster;
+    let victim = accounts[2].master;
+    let replica = cluster.replicas_of(victim)[0];
+    cluster.sigkill(victim);
+    cluster.sigkill(replica);
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.wait_for("cluster_state:fail on the survivors", || {
+            cluster
+                .ports()
+                .iter()
+                .filter(|&&p| p != victim && p != replica)
+                .all(|&p| {
+                    cluster
+                        .cluster_info(p)
+                        .is_some_and(|i| i.contains("cluster_state:fail"))
+                })
+        });
+        cluster
+    })
+    .await
+    .expect("wait");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    loop {
+        let r = http::get(gw.admin, "/readyz", &[]).await;
+        assert_ne!(r.status, 200, "ready with two nodes dead: {}", r.text());
+        if r.text().contains("cluster_state") {
+            assert_eq!(r.status, 503, "{}", r.text());
+            break;
+        }
+        seen.push(r.text());
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never named cluster_state within 20 s: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(cluster);
 }
