@@ -388,6 +388,17 @@ fn generated_configmaps() -> Vec<(PathBuf, String)> {
                 &[("redis.conf", read(&deploy().join("redis/redis.conf")))],
             ),
         ),
+        (
+            k8s.join("configmap-redis-cluster.yaml"),
+            configmap_yaml(
+                "GENERATED from deploy/redis/redis-cluster.conf by tests/deploy.rs: do not edit by hand.\n\
+                 Regenerate: CREDITGATE_BLESS_DEPLOY=1 cargo test --test deploy\n\
+                 The node config of redis-cluster.yaml (not in the default kustomization).",
+                "creditgate-redis-cluster-config",
+                "redis-cluster",
+                &[("redis.conf", read(&deploy().join("redis/redis-cluster.conf")))],
+            ),
+        ),
     ]
 }
 
@@ -538,6 +549,106 @@ fn redis_conf_is_fit_for_money() {
     assert_eq!(directives["appendfsync"], "everysec");
     // The StatefulSet mounts its volume at /data.
     assert_eq!(directives["dir"], "/data");
+}
+
+/// The cluster node config is the single-node one (every directive, same value) plus the
+/// cluster settings that keep money exact: full coverage or nothing, nodes.conf on the volume.
+#[test]
+fn redis_cluster_conf_is_redis_conf_plus_cluster() {
+    let single = parse_redis_conf(&read(&deploy().join("redis/redis.conf"))).unwrap();
+    let cluster = parse_redis_conf(&read(&deploy().join("redis/redis-cluster.conf"))).unwrap();
+    assert_eq!(redis_conf_fit_for_money(&cluster), Vec::<String>::new());
+    for (directive, value) in &single {
+        assert_eq!(
+            cluster.get(directive),
+            Some(value),
+            "redis-cluster.conf differs from redis.conf in {directive}"
+        );
+    }
+    assert_eq!(cluster["cluster-enabled"], "yes");
+    assert_eq!(cluster["cluster-config-file"], "/data/nodes.conf");
+    assert_eq!(cluster["cluster-require-full-coverage"], "yes");
+    assert_eq!(cluster["cluster-allow-reads-when-down"], "no");
+}
+
+/// redis-cluster.yaml: 6 nodes with the cluster config and a volume at /data, both ports on
+/// the headless Service, a disruption budget of one, and the create Job for 3 + 3.
+#[test]
+fn redis_cluster_manifest_runs_three_masters_with_replicas() {
+    let docs = yaml_documents(&read(&deploy().join("kubernetes/redis-cluster.yaml"))).unwrap();
+    let of_kind = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"].as_str() == Some(kind))
+            .unwrap_or_else(|| panic!("redis-cluster.yaml has no {kind}"))
+    };
+    let sts = of_kind("StatefulSet");
+    assert_eq!(sts["spec"]["replicas"].as_u64(), Some(6));
+    let pod = &sts["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let mounts: Vec<&str> = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    assert!(mounts.contains(&"/data"), "{mounts:?}");
+    let config = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find_map(|v| v["configMap"]["name"].as_str())
+        .expect("a ConfigMap volume");
+    let generated = configmap_data(&deploy().join("kubernetes/configmap-redis-cluster.yaml"));
+    assert!(generated.contains_key("redis.conf"));
+    let cm = yaml_documents(&read(
+        &deploy().join("kubernetes/configmap-redis-cluster.yaml"),
+    ))
+    .unwrap();
+    assert_eq!(cm[0]["metadata"]["name"].as_str(), Some(config));
+    let ports: Vec<u64> = of_kind("Service")["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["port"].as_u64())
+        .collect();
+    assert_eq!(ports, vec![6379, 16379]);
+    assert_eq!(
+        of_kind("PodDisruptionBudget")["spec"]["maxUnavailable"].as_u64(),
+        Some(1)
+    );
+    let job = of_kind("Job")["spec"]["template"]["spec"]["containers"][0]["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(job.contains("--cluster create"), "{job}");
+    assert!(job.contains("--cluster-replicas 1"), "{job}");
+    // The config the manifest's header tells operators to use is one the gateway accepts.
+    let text = read(&deploy().join("kubernetes/redis-cluster.yaml"));
+    let store: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("#   "))
+        .filter(|l| {
+            ["cluster", "url", "wait_replicas"]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .collect();
+    assert_eq!(store.len(), 3, "{store:?}");
+    // The shipped gateway config with its [store] url line replaced by these.
+    let data = configmap_data(&deploy().join("kubernetes/configmap-config.yaml"));
+    let base = data.get("creditgate.toml").expect("data.creditgate.toml");
+    let url_line = base
+        .lines()
+        .find(|l| l.trim_start().starts_with("url = \"redis://redis:6379\""))
+        .expect("configmap-config.yaml's [store] url line");
+    let toml = base.replace(url_line, &store.join("\n"));
+    let parsed = Config::parse("redis-cluster.yaml", &toml)
+        .unwrap_or_else(|p| panic!("Config::parse refused {toml}: {p:?}"));
+    assert!(parsed.store.cluster);
+    assert_eq!(parsed.store.url.split(',').count(), 3);
 }
 
 fn deployment() -> (Yaml, u64) {

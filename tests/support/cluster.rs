@@ -359,6 +359,25 @@ impl RedisCluster {
         node.state = State::Killed;
     }
 
+    /// Starts a killed node again on its port and directory (its `nodes.conf` and AOF): it
+    /// rejoins the cluster — a master whose replica took over comes back as that replica's
+    /// replica — and this waits until it is a replica with its link to the master up.
+    pub fn restart(&mut self, port: u16) {
+        let node = self.node_mut(port);
+        assert_eq!(
+            node.state,
+            State::Killed,
+            "restart of a node that is not killed"
+        );
+        let child = spawn_node(port, node.dir.path())
+            .unwrap_or_else(|log| panic!("redis-server on {port} did not start again:\n{log}"));
+        node.child = Some(child);
+        node.state = State::Running;
+        self.wait_for(&format!("127.0.0.1:{port} to rejoin as a replica"), || {
+            self.replica_link_up(port) && self.state_ok(port)
+        });
+    }
+
     /// SIGSTOP of the node on `port`: connections stay open, nothing is answered, its peers
     /// stop hearing from it (after `cluster-node-timeout` it is flagged as failing).
     pub fn sigstop(&mut self, port: u16) {
@@ -606,70 +625,72 @@ fn start_node(taken: &mut BTreeSet<u16>) -> Node {
             .prefix("cg-cluster-")
             .tempdir()
             .unwrap_or_else(|e| panic!("cannot create a temporary directory for redis: {e}"));
-        let log = dir.path().join("redis.log");
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
-            .args(["--cluster-enabled", "yes"])
-            .args(["--cluster-config-file", "nodes.conf"])
-            .args(["--cluster-node-timeout", "1000"])
-            // Durable like the single-node tests (and /readyz insists on appendonly yes).
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--save",
-                "",
-            ])
-            .args(["--maxmemory-policy", "noeviction"])
-            .arg("--dir")
-            .arg(dir.path())
-            .arg("--logfile")
-            .arg(&log)
-            .args(["--daemonize", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let mut child = match child {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                "redis-server is not installed (not found on PATH); these tests need a real \
-                 Redis: install it (e.g. `apt-get install redis-server`)"
-            ),
-            Err(e) => panic!("cannot start redis-server: {e}"),
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        let started = loop {
-            if ping(port) {
-                break true;
+        match spawn_node(port, dir.path()) {
+            Ok(child) => {
+                taken.insert(port);
+                taken.insert(port + BUS_OFFSET);
+                return Node {
+                    port,
+                    dir,
+                    child: Some(child),
+                    state: State::Running,
+                };
             }
-            if let Ok(Some(_)) = child.try_wait() {
-                break false;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        if started {
-            taken.insert(port);
-            taken.insert(port + BUS_OFFSET);
-            return Node {
-                port,
-                dir,
-                child: Some(child),
-                state: State::Running,
-            };
+            Err(log) => last_log = log,
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        last_log = std::fs::read_to_string(&log).unwrap_or_default();
     }
     panic!("a cluster node did not start on 5 port pairs; last log:\n{last_log}");
+}
+
+/// Runs `redis-server` for one cluster node on `port` with its data (`nodes.conf`, AOF) in
+/// `dir` and waits until it answers PING; the log when it does not.
+fn spawn_node(port: u16, dir: &std::path::Path) -> Result<Child, String> {
+    let log = dir.join("redis.log");
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
+        .args(["--cluster-enabled", "yes"])
+        .args(["--cluster-config-file", "nodes.conf"])
+        .args(["--cluster-node-timeout", "1000"])
+        // Durable like the single-node tests (and /readyz insists on appendonly yes).
+        .args([
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+        ])
+        .args(["--maxmemory-policy", "noeviction"])
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(&log)
+        .args(["--daemonize", "no"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "redis-server is not installed (not found on PATH); these tests need a real \
+             Redis: install it (e.g. `apt-get install redis-server`)"
+        ),
+        Err(e) => panic!("cannot start redis-server: {e}"),
+    };
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if ping(port) {
+            return Ok(child);
+        }
+        if matches!(child.try_wait(), Ok(Some(_))) || Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn ping(port: u16) -> bool {

@@ -45,6 +45,10 @@ pub struct GatewayOptions {
     pub watch_rules: bool,
     /// `store.backend = "memory"` instead of the Redis at `redis_url`.
     pub memory_store: bool,
+    /// `store.cluster = true`: `redis_url` is a comma-separated seed list of a Redis Cluster.
+    pub cluster: bool,
+    /// Extra `key = value` lines for the `[store]` table (e.g. `wait_replicas = 1`).
+    pub store_toml: String,
 }
 
 impl GatewayOptions {
@@ -59,8 +63,23 @@ impl GatewayOptions {
             read_timeout_ms: 5000,
             watch_rules: true,
             memory_store: false,
+            cluster: false,
+            store_toml: String::new(),
         }
     }
+}
+
+/// The `[store]` lines beyond backend, url and timeout (`cluster`, then `store_toml`).
+fn store_lines(opts: &GatewayOptions) -> String {
+    let mut lines = String::new();
+    if opts.cluster {
+        lines.push_str("cluster = true\n");
+    }
+    lines.push_str(&opts.store_toml);
+    if !lines.ends_with('\n') {
+        lines.push('\n');
+    }
+    lines
 }
 
 pub fn shipped_rules() -> PathBuf {
@@ -96,7 +115,7 @@ read_timeout_ms = {read_timeout}
 backend = "{backend}"
 url = "{redis}"
 command_timeout_ms = 200
-
+{store_extra}
 [rules]
 dir = "{rules}"
 watch = {watch}
@@ -111,6 +130,7 @@ watch = {watch}
             watch = opts.watch_rules,
             extra = opts.extra_toml,
             server_extra = opts.server_toml,
+            store_extra = store_lines(&opts),
         );
         let config_path = dir.path().join("creditgate.toml");
         std::fs::write(&config_path, config).expect("write config");
