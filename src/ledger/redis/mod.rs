@@ -136,7 +136,11 @@
 //!   timeout>` after each money transaction (on the slot's master) and fails the request closed
 //!   when fewer than N replicas acknowledged: the charge then stands on the master and is voided
 //!   in the background like any unknown outcome. Its cost is one more round trip per shared
-//!   transaction (measured in the README).
+//!   transaction (measured in the README). The `WAIT` travels in one pipeline with an `EXISTS`
+//!   of the written key, so it runs on the node that took the writes (the cluster client may
+//!   route a keyless command elsewhere right after a failover). A shard whose promoted master
+//!   has no replica yet answers 503 for every money write (settlements included) until a
+//!   replica is back: fail closed, by the operator's choice of `wait_replicas`.
 
 mod guarded;
 mod jobs;
