@@ -172,6 +172,40 @@ impl RedisCluster {
                     })
             },
         );
+        // A link that is up may still be finishing its first sync: each master must have a
+        // write of its own acknowledged by its replica (`WAIT 1`), as `store.wait_replicas`
+        // will ask of it.
+        for m in self.masters() {
+            self.wait_for(
+                &format!(
+                    "master {} to have a write acknowledged by a replica",
+                    m.port
+                ),
+                || self.replica_acknowledges(m.port),
+            );
+        }
+    }
+
+    /// `SET` of a key in one of the master's own slots, then `WAIT 1` on the same connection.
+    fn replica_acknowledges(&self, port: u16) -> bool {
+        let Some(master) = self.masters().into_iter().find(|m| m.port == port) else {
+            return false;
+        };
+        let Some(key) = (0..100_000)
+            .map(|i| format!("{{harness-sync-{i}}}"))
+            .find(|k| {
+                let slot = key_slot(k);
+                master.slots.iter().any(|&(a, b)| a <= slot && slot <= b)
+            })
+        else {
+            return false;
+        };
+        let Ok(mut conn) = self.connect(port) else {
+            return false;
+        };
+        let written: redis::RedisResult<()> = redis::cmd("SET").arg(&key).arg(1).query(&mut conn);
+        let acked: redis::RedisResult<i64> = redis::cmd("WAIT").arg(1).arg(1000).query(&mut conn);
+        written.is_ok() && acked.is_ok_and(|n| n >= 1)
     }
 
     // ---- addresses -------------------------------------------------------------------------
