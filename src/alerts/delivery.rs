@@ -168,21 +168,17 @@ impl AlertDelivery {
     /// Runs until `shutdown` turns true. Entries in flight stay pending for the next worker.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
         let s = &self.settings;
-        let conn = loop {
-            match self.nodes.connect(s.command_timeout).await {
-                Ok(conn) => break conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "alert delivery cannot reach the store yet");
-                    tokio::select! {
-                        _ = tokio::time::sleep(MAX_STORE_PAUSE) => {}
-                        changed = shutdown.changed() => {
-                            if changed.is_err() || *shutdown.borrow() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            }
+        let Some(conn) = self
+            .nodes
+            .connect_until_stopped(
+                s.command_timeout,
+                MAX_STORE_PAUSE,
+                &mut shutdown,
+                "alert delivery",
+            )
+            .await
+        else {
+            return;
         };
         tracing::info!(consumer = %s.consumer, url = %self.url, "alert delivery started");
         let mut w = Worker {

@@ -12,6 +12,7 @@ use std::future::Future;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, RedisError, ServerErrorKind};
 
+use super::link::{enough_replicas, wait_ms};
 use super::records::{change_fields, parse_account};
 use super::retry::did_not_run;
 use super::usage::add_cmds;
@@ -168,8 +169,8 @@ impl RedisLedger {
         let mut candidates: Vec<String> = self.nodes.urls().to_vec();
         let mut last = StoreError::Unavailable("no store node to connect to".into());
         let mut hops = 0;
-        while let Some(url) = candidates.first().cloned() {
-            candidates.remove(0);
+        while !candidates.is_empty() {
+            let url = candidates.remove(0);
             let client = redis::Client::open(url.as_str()).map_err(unavailable)?;
             let mut conn = match self
                 .within(client.get_multiplexed_async_connection_with_config(&config))
@@ -209,16 +210,13 @@ impl RedisLedger {
         if n == 0 {
             return Ok(());
         }
-        let wait_ms = u64::try_from(self.command_timeout.as_millis()).unwrap_or(u64::MAX);
         let acked: i64 = self
-            .query(conn, redis::cmd("WAIT").arg(n).arg(wait_ms))
+            .query(
+                conn,
+                redis::cmd("WAIT").arg(n).arg(wait_ms(self.command_timeout)),
+            )
             .await?;
-        if acked < i64::from(n) {
-            return Err(StoreError::Unavailable(format!(
-                "only {acked} of {n} replicas acknowledged the change (store.wait_replicas)"
-            )));
-        }
-        Ok(())
+        enough_replicas(acked, n)
     }
 
     async fn query<T: redis::FromRedisValue>(

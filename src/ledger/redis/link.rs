@@ -208,11 +208,10 @@ impl Link {
                 "a write without a key cannot be acknowledged by replicas".into(),
             ));
         };
-        let wait_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
         let mut conn = self.conn.clone();
         let acked = match pingora::time::fast_timeout::fast_timeout(
             self.timeout + Duration::from_millis(50),
-            conn.wait_replicas(key, n, wait_ms),
+            conn.wait_replicas(key, n, wait_ms(self.timeout)),
         )
         .await
         {
@@ -220,12 +219,7 @@ impl Link {
             Ok(Err(e)) => return Err(unavailable(e)),
             Err(_) => return Err(StoreError::Timeout),
         };
-        if acked < i64::from(n) {
-            return Err(StoreError::Unavailable(format!(
-                "only {acked} of {n} replicas acknowledged the write (store.wait_replicas)"
-            )));
-        }
-        Ok(())
+        enough_replicas(acked, n)
     }
 
     /// Runs `cmds` as one transaction and answers their replies, in order. Transactions that
@@ -342,6 +336,21 @@ impl Link {
             ),
             Err(e) => failed(e, shares),
         }
+    }
+}
+
+/// The `WAIT` timeout for a command timeout: as long, in ms.
+pub(super) fn wait_ms(timeout: Duration) -> u64 {
+    u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `WAIT`'s answer against `store.wait_replicas = n`: an error when fewer acknowledged.
+pub(super) fn enough_replicas(acked: i64, n: u8) -> StoreResult<()> {
+    match acked >= i64::from(n) {
+        true => Ok(()),
+        false => Err(StoreError::Unavailable(format!(
+            "only {acked} of {n} replicas acknowledged the write (store.wait_replicas)"
+        ))),
     }
 }
 

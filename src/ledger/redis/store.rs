@@ -95,6 +95,36 @@ impl StoreNodes {
     }
 }
 
+impl StoreNodes {
+    /// [`StoreNodes::connect`] for a background worker: tried again every `pause` until it
+    /// succeeds (each failure logged, naming `worker`); `None` once `shutdown` turns true or its
+    /// sender is gone.
+    pub async fn connect_until_stopped(
+        &self,
+        timeout: Duration,
+        pause: Duration,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+        worker: &str,
+    ) -> Option<StoreConn> {
+        loop {
+            match self.connect(timeout).await {
+                Ok(conn) => return Some(conn),
+                Err(e) => {
+                    tracing::warn!(error = %e, worker, "cannot reach the store yet");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        changed = shutdown.changed() => {
+                            if changed.is_err() || *shutdown.borrow() {
+                                return None;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The runtime that hosts the cluster client's connection tasks (one thread, for the process).
 fn cluster_runtime() -> &'static tokio::runtime::Handle {
     static RUNTIME: OnceLock<tokio::runtime::Handle> = OnceLock::new();

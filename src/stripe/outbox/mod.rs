@@ -225,21 +225,18 @@ impl StripeReporter {
     /// Runs until `shutdown` turns true (or its sender is dropped). Entries in flight stay
     /// pending in the stream and are taken over by the next worker.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
-        let conn = loop {
-            match self.nodes.connect(self.settings.command_timeout).await {
-                Ok(conn) => break conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Stripe reporter cannot reach the store yet");
-                    tokio::select! {
-                        _ = tokio::time::sleep(self.settings.backoff_max.min(Duration::from_secs(5))) => {}
-                        changed = shutdown.changed() => {
-                            if stop_requested(changed, &shutdown) {
-                                return;
-                            }
-                        }
-                    }
-                }
-            }
+        let pause = self.settings.backoff_max.min(Duration::from_secs(5));
+        let Some(conn) = self
+            .nodes
+            .connect_until_stopped(
+                self.settings.command_timeout,
+                pause,
+                &mut shutdown,
+                "Stripe reporter",
+            )
+            .await
+        else {
+            return;
         };
         tracing::info!(consumer = %self.settings.consumer, "Stripe reporter started");
         let mut worker = Worker {
