@@ -24,9 +24,7 @@ use fake_stripe::FakeStripe;
 use serde_json::{json, Value};
 use support::cluster::{key_slot, RedisCluster, MASTERS};
 use support::gateway::{GatewayOptions, GatewayProcess};
-use support::http;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use support::http::{self, exchange, Outcome};
 
 // ---- the harness itself ------------------------------------------------------------------
 
@@ -342,37 +340,6 @@ async fn balance(gw: &GatewayProcess, key: &str) -> u64 {
     let headers = [("Authorization", auth.as_str())];
     let r = retry_503(|| http::get(gw.proxy, "/api/credits/balance", &headers)).await;
     r.json()["balance"].as_u64().expect("balance")
-}
-
-/// What a raw exchange ended with: a parsed response, or the connection closing without one.
-#[derive(Debug)]
-enum Outcome {
-    Answered(http::Response),
-    CutShort(String),
-}
-
-/// Sends `request` and reads until the server closes; never panics on a broken connection.
-async fn exchange(addr: SocketAddr, request: Vec<u8>) -> Outcome {
-    let mut buf = Vec::new();
-    let attempt = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream.write_all(&request).await?;
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            match stream.read(&mut chunk).await? {
-                0 => return Ok::<_, std::io::Error>(()),
-                n => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    match tokio::time::timeout(Duration::from_secs(60), attempt).await {
-        Err(_) => Outcome::CutShort("no answer within 60 s".into()),
-        Ok(Err(e)) if buf.is_empty() => Outcome::CutShort(e.to_string()),
-        Ok(_) if !buf.windows(4).any(|w| w == b"\r\n\r\n") => {
-            Outcome::CutShort(format!("{} bytes, no whole head", buf.len()))
-        }
-        Ok(_) => Outcome::Answered(http::parse(&buf)),
-    }
 }
 
 /// A relight request (`Connection: close`) with the key and JSON body.

@@ -24,10 +24,8 @@ use creditgate::ledger::schema;
 use fake_stripe::FakeStripe;
 use serde_json::json;
 use support::gateway::{GatewayOptions, GatewayProcess};
-use support::http;
+use support::http::{self, exchange, Outcome};
 use support::RedisServer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Credits granted by the business plan.
 const BUSINESS_CREDITS: u64 = 700;
@@ -90,50 +88,6 @@ fn stripe_options(
         ("STRIPE_WEBHOOK_SECRET".into(), "whsec_test_secret".into()),
     ];
     o
-}
-
-/// What a raw exchange ended with: a parsed response, or the connection closing without one.
-#[derive(Debug)]
-enum Outcome {
-    Answered(http::Response),
-    CutShort(String),
-}
-
-/// Sends `request` and reads until the server closes; never panics on a broken connection.
-/// A whole response followed by a reset (a killed process) still counts as answered.
-async fn exchange(addr: SocketAddr, request: Vec<u8>) -> Outcome {
-    let mut buf = Vec::new();
-    let attempt = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream.write_all(&request).await?;
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            match stream.read(&mut chunk).await? {
-                0 => return Ok::<_, std::io::Error>(()),
-                n => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    let ended = tokio::time::timeout(Duration::from_secs(60), attempt).await;
-    match ended {
-        Err(_) => Outcome::CutShort("no answer within 60 s".into()),
-        Ok(Err(e)) if buf.is_empty() => Outcome::CutShort(e.to_string()),
-        Ok(_) => {
-            if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                return Outcome::CutShort(format!("{} bytes, no whole head", buf.len()));
-            }
-            let r = http::parse(&buf);
-            match r
-                .header("content-length")
-                .and_then(|v| v.parse::<usize>().ok())
-            {
-                Some(n) if n != r.body.len() => {
-                    Outcome::CutShort(format!("body {} of {n} bytes", r.body.len()))
-                }
-                _ => Outcome::Answered(r),
-            }
-        }
-    }
 }
 
 /// A relight request (`Connection: close`) with the key and JSON body.

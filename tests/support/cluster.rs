@@ -59,6 +59,11 @@ impl NodeInfo {
         self.slots.iter().any(|&(a, b)| a <= slot && slot <= b)
     }
 
+    /// A live master with slots.
+    pub fn serves_slots(&self) -> bool {
+        self.is_master() && !self.is_failed() && !self.slots.is_empty()
+    }
+
     pub fn slot_count(&self) -> usize {
         self.slots
             .iter()
@@ -156,11 +161,7 @@ impl RedisCluster {
                 let Some(nodes) = self.try_nodes() else {
                     return false;
                 };
-                let masters: Vec<&NodeInfo> = nodes
-                    .iter()
-                    .filter(|n| n.is_master() && !n.is_failed() && !n.slots.is_empty())
-                    .collect();
-                let covered: usize = masters.iter().map(|m| m.slot_count()).sum();
+                let (masters, covered) = serving_masters(&nodes);
                 masters.len() == MASTERS
                     && covered == usize::from(SLOTS)
                     && masters.iter().all(|m| {
@@ -264,7 +265,7 @@ impl RedisCluster {
         let mut masters: Vec<Master> = self
             .nodes()
             .into_iter()
-            .filter(|n| n.is_master() && !n.is_failed() && !n.slots.is_empty())
+            .filter(NodeInfo::serves_slots)
             .map(|n| Master {
                 port: n.port,
                 id: n.id,
@@ -448,11 +449,7 @@ impl RedisCluster {
                 let Some(nodes) = self.try_nodes() else {
                     return false;
                 };
-                let masters: Vec<&NodeInfo> = nodes
-                    .iter()
-                    .filter(|n| n.is_master() && !n.is_failed() && !n.slots.is_empty())
-                    .collect();
-                let covered: usize = masters.iter().map(|m| m.slot_count()).sum();
+                let (masters, covered) = serving_masters(&nodes);
                 promoted = masters
                     .iter()
                     .find(|m| replicas.contains(&m.port))
@@ -680,8 +677,8 @@ fn start_node(taken: &mut BTreeSet<u16>) -> Node {
 /// `dir` and waits until it answers PING; the log when it does not.
 fn spawn_node(port: u16, dir: &std::path::Path) -> Result<Child, String> {
     let log = dir.join("redis.log");
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string()])
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string()])
         .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
         .args(["--cluster-enabled", "yes"])
         .args(["--cluster-config-file", "nodes.conf"])
@@ -700,19 +697,8 @@ fn spawn_node(port: u16, dir: &std::path::Path) -> Result<Child, String> {
         .arg(dir)
         .arg("--logfile")
         .arg(&log)
-        .args(["--daemonize", "no"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let mut child = match child {
-        Ok(child) => child,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "redis-server is not installed (not found on PATH); these tests need a real \
-             Redis: install it (e.g. `apt-get install redis-server`)"
-        ),
-        Err(e) => panic!("cannot start redis-server: {e}"),
-    };
+        .args(["--daemonize", "no"]);
+    let mut child = super::redis_server::spawn_redis_server(&mut cmd);
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if ping(port) {
@@ -781,6 +767,13 @@ pub fn parse_nodes(text: &str) -> Vec<NodeInfo> {
             }
         })
         .collect()
+}
+
+/// The live masters with slots among `nodes`, and how many slots they serve together.
+fn serving_masters(nodes: &[NodeInfo]) -> (Vec<&NodeInfo>, usize) {
+    let masters: Vec<&NodeInfo> = nodes.iter().filter(|n| n.serves_slots()).collect();
+    let covered = masters.iter().map(|m| m.slot_count()).sum();
+    (masters, covered)
 }
 
 /// The cluster slot of `key`: CRC16 (XMODEM) of its hash tag — the part between the first

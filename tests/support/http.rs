@@ -152,3 +152,47 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
         data = &data[(size + 2).min(data.len())..];
     }
 }
+
+/// What a raw exchange ended with: a parsed response, or the connection closing without one.
+#[derive(Debug)]
+pub enum Outcome {
+    Answered(Response),
+    CutShort(String),
+}
+
+/// Sends `request` and reads until the server closes; never panics on a broken connection.
+/// A whole response followed by a reset (a killed process) still counts as answered.
+pub async fn exchange(addr: SocketAddr, request: Vec<u8>) -> Outcome {
+    let mut buf = Vec::new();
+    let attempt = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.write_all(&request).await?;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match stream.read(&mut chunk).await? {
+                0 => return Ok::<_, std::io::Error>(()),
+                n => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let ended = tokio::time::timeout(Duration::from_secs(60), attempt).await;
+    match ended {
+        Err(_) => Outcome::CutShort("no answer within 60 s".into()),
+        Ok(Err(e)) if buf.is_empty() => Outcome::CutShort(e.to_string()),
+        Ok(_) => {
+            if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                return Outcome::CutShort(format!("{} bytes, no whole head", buf.len()));
+            }
+            let r = parse(&buf);
+            match r
+                .header("content-length")
+                .and_then(|v| v.parse::<usize>().ok())
+            {
+                Some(n) if n != r.body.len() => {
+                    Outcome::CutShort(format!("body {} of {n} bytes", r.body.len()))
+                }
+                _ => Outcome::Answered(r),
+            }
+        }
+    }
+}

@@ -104,8 +104,8 @@ impl RedisServer {
             return;
         }
         let log = self.dir.path().join("redis.log");
-        let child = Command::new("redis-server")
-            .arg("--port")
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
             .arg("0")
             .arg("--unixsocket")
             .arg(&self.socket)
@@ -124,19 +124,8 @@ impl RedisServer {
             .arg("--logfile")
             .arg(&log)
             .arg("--daemonize")
-            .arg("no")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let mut child = match child {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                "redis-server is not installed (not found on PATH); these tests need a real \
-                 Redis: install it (e.g. `apt-get install redis-server`)"
-            ),
-            Err(e) => panic!("cannot start redis-server: {e}"),
-        };
+            .arg("no");
+        let mut child = spawn_redis_server(&mut cmd);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if ping(&self.socket) {
@@ -182,5 +171,23 @@ impl Drop for RedisServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Spawns `cmd` (a `redis-server` with its arguments set) with no stdin, stdout or stderr; panics
+/// with an install hint when `redis-server` is not on PATH.
+pub fn spawn_redis_server(cmd: &mut Command) -> Child {
+    match cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "redis-server is not installed (not found on PATH); these tests need a real \
+             Redis: install it (e.g. `apt-get install redis-server`)"
+        ),
+        Err(e) => panic!("cannot start redis-server: {e}"),
     }
 }
