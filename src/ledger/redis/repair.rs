@@ -117,15 +117,7 @@ impl Link {
 
     /// Retries an idempotent transaction (applying it twice changes nothing) in the background.
     pub(super) fn retry_idempotent(&self, what: &'static str, p: Pipeline) {
-        self.spawn_repair(what, move |link| async move {
-            for attempt in 0..REPAIR_ATTEMPTS {
-                tokio::time::sleep(backoff(attempt)).await;
-                if link.pipe::<()>(&p).await.is_ok() {
-                    return;
-                }
-            }
-            tracing::error!(what, "idempotent ledger repair abandoned after retries");
-        });
+        self.retry_in_order(what, vec![p]);
     }
 
     /// Runs idempotent steps in order; from the first that fails, the rest (it included) go on
@@ -135,22 +127,27 @@ impl Link {
         while let Some(step) = steps.next() {
             if let Err(e) = self.pipe::<()>(&step).await {
                 tracing::warn!(error = %e, what, "ledger step failed; retrying in background");
-                let rest: Vec<Pipeline> = std::iter::once(step).chain(steps).collect();
-                self.spawn_repair(what, move |link| async move {
-                    'steps: for step in rest {
-                        for attempt in 0..REPAIR_ATTEMPTS {
-                            tokio::time::sleep(backoff(attempt)).await;
-                            if link.pipe::<()>(&step).await.is_ok() {
-                                continue 'steps;
-                            }
-                        }
-                        tracing::error!(what, "idempotent ledger repair abandoned after retries");
-                        return;
-                    }
-                });
+                self.retry_in_order(what, std::iter::once(step).chain(steps).collect());
                 return;
             }
         }
+    }
+
+    /// Retries idempotent steps in the background, in order, each until it succeeds (at most
+    /// `REPAIR_ATTEMPTS` times, with backoff); a step that never does stops the rest.
+    fn retry_in_order(&self, what: &'static str, steps: Vec<Pipeline>) {
+        self.spawn_repair(what, move |link| async move {
+            'steps: for step in steps {
+                for attempt in 0..REPAIR_ATTEMPTS {
+                    tokio::time::sleep(backoff(attempt)).await;
+                    if link.pipe::<()>(&step).await.is_ok() {
+                        continue 'steps;
+                    }
+                }
+                tracing::error!(what, "idempotent ledger repair abandoned after retries");
+                return;
+            }
+        });
     }
 
     /// Gives back a reservation whose outcome is unknown, in the background.
