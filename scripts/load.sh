@@ -32,9 +32,12 @@
 #      `store.cluster = true` — once as is, once with `store.wait_replicas = 1` — in the same
 #      rounds as the single-node cases, reported against the single-node creditgate (b).
 #
+#   QUICK=1: only the throughput of (a), (a1), (b) and (c), no cluster — for iterating on the
+#   request path (`ROUNDS=3 QUICK=1 bash scripts/load.sh`: about two minutes).
+#
 # Everything it starts is stopped and its temp dir removed on exit (also on Ctrl-C).
 # Knobs (environment): THREADS=2 CONNS=32 WRK_THREADS=1 DURATION=10 WARMUP=2 ROUNDS=3
-# LIGHT_CONNS=1 INFLIGHT=2000 SLOW_MS=5000 UPLOAD_MB=50 CLUSTER=1.
+# LIGHT_CONNS=1 INFLIGHT=2000 SLOW_MS=5000 UPLOAD_MB=50 CLUSTER=1 QUICK=0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -49,7 +52,9 @@ LIGHT_CONNS=${LIGHT_CONNS:-1}
 INFLIGHT=${INFLIGHT:-2000}
 SLOW_MS=${SLOW_MS:-5000}
 UPLOAD_MB=${UPLOAD_MB:-50}
+QUICK=${QUICK:-0}
 CLUSTER=${CLUSTER:-1}
+[ "$QUICK" = 1 ] && CLUSTER=0
 LUA=$PWD/scripts/load_wrk.lua
 
 cargo build --release --bin creditgate --example bare_proxy --example bare_tx_proxy \
@@ -272,7 +277,7 @@ echo "load: wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s (after a ${WARMUP}s warm-
 
 # ----------------------------------------------------------------------------- 3. streamed upload
 # First, while both proxies are fresh: VmHWM (peak RSS over the process's life) is then the upload's.
-head -c $((UPLOAD_MB * 1024 * 1024)) /dev/urandom >"$work/upload.bin"
+[ "$QUICK" = 1 ] || head -c $((UPLOAD_MB * 1024 * 1024)) /dev/urandom >"$work/upload.bin"
 upload() { # name port pid key
   local name=$1 port=$2 pid=$3 key=$4 before seen code peak sampled
   curl -sS -o /dev/null -X POST -H "Content-Type: $JSON" -H "Authorization: Bearer $key" \
@@ -298,8 +303,10 @@ upload() { # name port pid key
     >>"$work/upload.tsv"
 }
 : >"$work/upload.tsv"
-upload "bare passthrough" "$BARE" "$BARE_PID" "$KEY_CREDITS"
-upload "creditgate (credits)" "$CG" "$CG_PID" "$KEY_CREDITS"
+if [ "$QUICK" != 1 ]; then
+  upload "bare passthrough" "$BARE" "$BARE_PID" "$KEY_CREDITS"
+  upload "creditgate (credits)" "$CG" "$CG_PID" "$KEY_CREDITS"
+fi
 
 # ---------------------------------------------------------------------------------- 1. throughput
 : >"$work/results.tsv"
@@ -354,6 +361,7 @@ for round in $(seq 1 "$ROUNDS"); do
   run_case "(a1) bare + 1 Redis tx: POST $RELIGHT" "$BARE_TX" "$BARE_TX_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200
   run_case "(b) creditgate: credits, nano-banana-pro" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_CREDITS" "$BODY_CREDITS" 200
   run_case "(c) creditgate: pay-per-use, midjourney-v7" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_PPU" "$BODY_PPU" 200
+  [ "$QUICK" = 1 ] && continue
   run_case "(d) creditgate: GET /api/credits/balance" "$CG" "$CG_PID" GET /api/credits/balance "$KEY_CREDITS" "" 200
   run_case "(e) creditgate: 402 no credits, no pay-per-use" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_BROKE" "$BODY_CREDITS" 402
   run_case "(e) creditgate: 401 unknown key" "$CG" "$CG_PID" POST "$RELIGHT" "$KEY_BAD" "$BODY_CREDITS" 401
@@ -371,6 +379,7 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 # ------------------------------------------------------------------------ 2. memory per in-flight
+if [ "$QUICK" != 1 ]; then
 start_backend slow "$SLOW" "$SLOW_MS"
 : >"$work/inflight.tsv"
 inflight() { # name port pid key log-name
@@ -425,6 +434,7 @@ CGS_PID=$LAST_PID
 # Warm the key cache and the Redis connection without waiting for the slow upstream.
 curl -fsS -o /dev/null -H "Authorization: Bearer $KEY_CREDITS" "http://127.0.0.1:$CGS/api/credits/balance"
 inflight "creditgate (credits)" "$CGS" "$CGS_PID" "$KEY_CREDITS" creditgate-slow
+fi
 
 # ------------------------------------------------------------------------------------- the report
 # Per case (in first-seen order): the median round's req/s, p50 and p99 (each its own median),
@@ -501,6 +511,7 @@ awk -F'\t' '
 echo
 read -r tx_applied tx_upstream < <(awk -F'\t' '{ tx += $2; up += $3 } END { print tx + 0, up + 0 }' "$work/tx.tsv")
 echo "load: bare + 1 Redis tx: $tx_applied transactions applied for $tx_upstream upstream requests in its measured runs"
+[ "$QUICK" = 1 ] && exit 0
 
 echo
 echo "Added latency at light load (wrk -t1 -c$LIGHT_CONNS -d${DURATION}s per round, median of $ROUNDS rounds; billed credits request)"
