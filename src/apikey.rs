@@ -58,10 +58,10 @@ impl ApiKey {
 /// A new random identifier such as `key_3kT9…` (not secret).
 pub fn random_id(prefix: &str, chars: usize) -> String {
     let mut rng = rand::rng();
-    let random: String = (0..chars)
-        .map(|_| BASE62[rng.random_range(0..BASE62.len())] as char)
-        .collect();
-    format!("{prefix}{random}")
+    let mut id = String::with_capacity(prefix.len() + chars);
+    id.push_str(prefix);
+    id.extend((0..chars).map(|_| BASE62[rng.random_range(0..BASE62.len())] as char));
+    id
 }
 
 #[cfg(test)]

@@ -54,6 +54,11 @@ impl Link {
             Settler::Request(token) => token,
             Settler::Sweeper { .. } => SWEEPER_TOKEN,
         };
+        if refund == 0 && unlist == Unlist::OnClaim && token != SWEEPER_TOKEN {
+            if let Some(outcome) = self.settle_kept(account_id, reservation_id, token).await? {
+                return Ok((outcome, false));
+            }
+        }
         let rsv = schema::reservation(account_id, reservation_id);
         let holds = schema::holds(account_id);
         let mut cmds = vec![
@@ -94,16 +99,7 @@ impl Link {
         };
         let Some(kind) = field(0) else {
             if claimed {
-                // No such reservation (yet): keep the claim as a stub. A reservation transaction
-                // that lands late — its answer was lost to a timeout — merges into it, and is
-                // then owed this claim's refund instead of standing as a charge.
-                let _: StoreResult<i64> = self
-                    .cmd(
-                        redis::cmd("PEXPIRE")
-                            .arg(&rsv)
-                            .arg(schema::CLAIM_STUB_TTL_MS),
-                    )
-                    .await;
+                self.keep_stub(&rsv).await;
             }
             return Ok((SettleOutcome::Unknown, false));
         };
@@ -170,5 +166,55 @@ impl Link {
         };
         self.converge_or_repair(fix, applied).await?;
         Ok((outcome, !mine))
+    }
+
+    /// The common case on the request path, a hold kept whole: a winning claim of nothing
+    /// owes nothing, so its transaction reads only what decides the outcome (the record's
+    /// kind and state) rather than everything a refund needs. `None` when the claim was
+    /// someone else's (or this settler's earlier one): [`Link::settle`] then reads it all.
+    async fn settle_kept(
+        &self,
+        account_id: &str,
+        reservation_id: &str,
+        token: &str,
+    ) -> StoreResult<Option<SettleOutcome>> {
+        let rsv = schema::reservation(account_id, reservation_id);
+        let cmds = vec![
+            command("HSETNX", &rsv, (rf::SETTLED, now_ms())),
+            command("HSETNX", &rsv, (rf::REFUND_DUE, 0)),
+            command("HSETNX", &rsv, (rf::SETTLER, token)),
+            command("HMGET", &rsv, &[rf::KIND, rf::STATE]),
+            command("ZREM", &schema::holds(account_id), reservation_id),
+        ];
+        let mut replies = self.transact(cmds).await?;
+        if reply::<i64>(&mut replies, 0, &rsv)? != 1 {
+            return Ok(None);
+        }
+        let fields: Vec<Option<String>> = reply(&mut replies, 3, &rsv)?;
+        let (kind, state) = match fields.as_slice() {
+            [kind, state] => (kind, state),
+            _ => return Err(corrupt(&rsv, "HMGET answered the wrong number of fields")),
+        };
+        if kind.is_none() {
+            self.keep_stub(&rsv).await;
+            return Ok(Some(SettleOutcome::Unknown));
+        }
+        Ok(Some(match state.as_deref() == Some(schema::STATE_VOID) {
+            true => SettleOutcome::Unknown,
+            false => SettleOutcome::Settled,
+        }))
+    }
+
+    /// A winning claim found no such reservation (yet): it stays as a stub for a while. A
+    /// reservation transaction that lands late — its answer was lost to a timeout — merges into
+    /// it, and is then owed this claim's refund instead of standing as a charge.
+    async fn keep_stub(&self, rsv: &str) {
+        let _: StoreResult<i64> = self
+            .cmd(
+                redis::cmd("PEXPIRE")
+                    .arg(rsv)
+                    .arg(schema::CLAIM_STUB_TTL_MS),
+            )
+            .await;
     }
 }
